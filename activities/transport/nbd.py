@@ -1,0 +1,174 @@
+"""NBD endpoints through libnbd: sources (NBD URIs or local images served by qemu-nbd), extents.
+
+Local images are served read-only by a private qemu-nbd that libnbd starts with systemd socket
+activation: no socket file, and qemu-nbd exits when the handle closes (or its parent dies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import nbd
+
+from xms.errors import InvalidRequest, SourceUnreadable, TransientIOError
+
+NBD_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
+BLOCK_STATUS_WINDOW = 1 << 30  # servers may refuse >= 4 GiB; qemu caps at 1 GiB anyway
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of the disk: ``zero`` means it reads as zeroes (hole or zero-allocated) and is not read."""
+
+    start: int
+    length: int
+    zero: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    kind: Literal["nbd", "image"]
+    location: str  # the URI, or the absolute image path
+    format: str  # raw | qcow2 (for nbd: "raw", what the export presents)
+    virtual_size: int
+
+
+def source_kind(source: str) -> Literal["nbd", "image"]:
+    if source.startswith(NBD_SCHEMES):
+        return "nbd"
+    if "://" in source:
+        raise InvalidRequest(
+            f"unsupported disk source {source!r}; allowed: nbd://HOST[:PORT]/EXPORT, "
+            "nbd+unix:///EXPORT?socket=PATH, or a local qcow2/raw image path"
+        )
+    return "image"
+
+
+def image_format(path: str) -> str:
+    """Format of a local image, read by qemu-img; refuses anything but raw and qcow2."""
+    p = Path(path)
+    if not p.is_absolute():
+        raise InvalidRequest(f"disk source {path!r} must be an absolute path")
+    if not p.exists():
+        raise SourceUnreadable(f"disk source {path}: no such file")
+    if not p.is_file() and not p.is_block_device():
+        raise SourceUnreadable(f"disk source {path}: not a regular file or block device")
+    if not os.access(p, os.R_OK):
+        raise SourceUnreadable(f"disk source {path}: not readable (permission denied)")
+    r = subprocess.run(
+        ["qemu-img", "info", "--output=json", "-U", str(p)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["qemu-img info failed"])[-1]
+        raise SourceUnreadable(f"disk source {path}: {msg}")
+    fmt = json.loads(r.stdout).get("format", "")
+    if fmt not in ("raw", "qcow2"):
+        raise SourceUnreadable(f"disk source {path}: format {fmt!r} is not supported; allowed: raw, qcow2")
+    return fmt
+
+
+def connect(
+    location: str,
+    kind: Literal["nbd", "image"],
+    fmt: str = "raw",
+    *,
+    meta_contexts: tuple[str, ...] = ("base:allocation",),
+    writable: bool = False,
+) -> nbd.NBD:
+    """A connected libnbd handle. Connection failures become SourceUnreadable (one line)."""
+    h = nbd.NBD()
+    for ctx in meta_contexts:
+        h.add_meta_context(ctx)
+    try:
+        if kind == "nbd":
+            h.connect_uri(location)
+        else:
+            argv = ["qemu-nbd", "-f", fmt]
+            if not writable:
+                argv.append("-r")
+            h.connect_systemd_socket_activation([*argv, "--", location])
+    except nbd.Error as e:
+        raise SourceUnreadable(f"cannot open {location}: {e.string or e}") from None
+    return h
+
+
+def probe(source: str) -> SourceInfo:
+    """Check that a source can be read and learn its size, without copying anything."""
+    kind = source_kind(source)
+    fmt = image_format(source) if kind == "image" else "raw"
+    h = connect(source, kind, fmt)
+    try:
+        size = h.get_size()
+        h.pread(min(512, size), 0) if size else None
+    except nbd.Error as e:
+        raise SourceUnreadable(f"cannot read {source}: {e.string or e}") from None
+    finally:
+        close(h)
+    return SourceInfo(kind=kind, location=source, format=fmt, virtual_size=size)
+
+
+def close(h: nbd.NBD) -> None:
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
+
+
+def extents(h: nbd.NBD, start: int, end: int) -> Iterator[Extent]:
+    """Allocation extents of [start, end), merged; the whole range is data if the server can't tell."""
+    if not h.can_meta_context("base:allocation"):
+        if end > start:
+            yield Extent(start, end - start, False)
+        return
+    pending: Extent | None = None
+    offset = start
+    while offset < end:
+        got: list[tuple[int, int]] = []
+
+        def cb(ctx: str, off: int, entries: list[int], err: object) -> int:
+            if ctx == "base:allocation":
+                got.extend(zip(entries[0::2], entries[1::2]))
+            return 0
+
+        try:
+            h.block_status(min(BLOCK_STATUS_WINDOW, end - offset), offset, cb)
+        except nbd.Error as e:
+            raise TransientIOError(f"block status at {offset}: {e.string or e}") from None
+        if not got:
+            raise TransientIOError(f"block status at {offset}: server returned no extents")
+        for length, flags in got:
+            length = min(length, end - offset)
+            if length <= 0:
+                break
+            zero = bool(flags & STATE_ZERO)
+            if pending and pending.zero == zero and pending.end == offset:
+                pending = Extent(pending.start, pending.length + length, zero)
+            else:
+                if pending:
+                    yield pending
+                pending = Extent(offset, length, zero)
+            offset += length
+    if pending:
+        yield pending
+
+
+@contextmanager
+def handle(location: str, kind: Literal["nbd", "image"], fmt: str = "raw", **kw) -> Iterator[nbd.NBD]:
+    h = connect(location, kind, fmt, **kw)
+    try:
+        yield h
+    finally:
+        close(h)

@@ -1,0 +1,3 @@
+from xms.cli import main
+
+main()

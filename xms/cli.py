@@ -1,0 +1,354 @@
+"""The ``xms`` command line. Every read command has --json; every error is one line and exit 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from functools import wraps
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from xms import client as xc
+from xms.errors import XmsError
+from xms.models import GiB, MiB, Phase
+from xms.settings import Settings, get_settings
+from xms.telemetry import configure_logging
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 1):
+    err.print(f"xms: error: {' '.join(str(message).split())}", markup=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def command(fn):
+    """Run an async command; XmsErrors become one line on stderr and exit 1."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+                asyncio.run(result)
+        except XmsError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def settings_from(temporal: str | None) -> Settings:
+    s = get_settings()
+    if temporal:
+        s = s.model_copy(update={"temporal_address": temporal})
+    configure_logging(s.log_format, s.log_level)
+    return s
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+temporal_opt = click.option("--temporal", metavar="HOST:PORT", help="Temporal frontend (default $XMS_TEMPORAL_ADDRESS or 127.0.0.1:7233)")
+json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """xms: migrate virtual-machine disks into block storage, durably (Temporal)."""
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+@cli.command()
+@click.option("--temporal", metavar="HOST:PORT", help="Use this existing Temporal cluster; start no dev server")
+@command
+async def server(temporal):
+    """Embedded stack: Temporal dev server (SQLite under the data dir, Web UI), worker, metrics."""
+    from workers.server import serve
+
+    s = settings_from(temporal)
+    if not temporal:
+        err.print(f"xms server: Temporal {s.temporal_address}, Web UI {s.ui_url}, "
+                  f"metrics http://127.0.0.1:{s.metrics_port}/metrics, data {s.data_dir}", markup=False)
+    await serve(s, start_temporal=not temporal)
+
+
+@cli.command()
+@temporal_opt
+@click.option("--metrics/--no-metrics", default=True, help="Serve Prometheus metrics on $XMS_METRICS_PORT")
+@command
+async def worker(temporal, metrics):
+    """A worker only, for an existing Temporal cluster."""
+    from workers.server import embedded
+
+    s = settings_from(temporal)
+    async with embedded(s, start_temporal=False, metrics=metrics) as (stop, task):
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await task
+
+
+# ------------------------------------------------------------------------------ migrations
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--disk", "disks", multiple=True, required=True, metavar="SRC",
+              help="nbd://…, nbd+unix:///…?socket=…, or a local qcow2/raw image; once per disk, boot disk first")
+@click.option("--project", required=True)
+@click.option("--volume-type", required=True)
+@click.option("--az", default=None, help="Availability zone (must be one the volume type serves)")
+@click.option("--mode", type=click.Choice(["cold", "warm"]), default="cold", show_default=True)
+@click.option("--no-snapshot", is_flag=True, help="Skip the post-migration snapshot")
+@click.option("--keep-on-failure", is_flag=True, help="Keep created volumes if the migration fails")
+@click.option("--heartbeat-timeout", default=30, show_default=True, help="Seconds before a silent copy is retried")
+@click.option("--wait", is_flag=True, help="Wait for the migration to end, showing progress")
+@temporal_opt
+@json_opt
+@command
+async def migrate(name, disks, project, volume_type, az, mode, no_snapshot, keep_on_failure,
+                  heartbeat_timeout, wait, temporal, as_json):
+    """Start migration NAME (its Temporal workflow id). Refused at once if invalid or over quota."""
+    s = settings_from(temporal)
+    srcs = [d if "://" in d else str(Path(d).expanduser().resolve()) for d in disks]
+    req = xc.build_request(name=name, disks=srcs, project=project, volume_type=volume_type,
+                           availability_zone=az, mode=mode, snapshot=not no_snapshot,
+                           keep_on_failure=keep_on_failure, heartbeat_timeout_s=heartbeat_timeout)
+    c = await xc.connect(s)
+    adm = await xc.submit(c, s, req)
+    if not wait:
+        if as_json:
+            emit_json({"name": name, "accepted": True, "footprint_gib": adm.footprint_gib,
+                       "reservation_id": adm.reservation_id})
+        else:
+            out.print(f"migration {name} accepted: {adm.footprint_gib} GiB reserved in {project}; "
+                      f"`xms status {name} --watch` follows it; Web UI {s.ui_url}/{name}")
+        return
+    v = await watch(c, name, quiet=as_json)
+    if as_json:
+        emit_json(v.model_dump(mode="json"))
+    if v.phase != Phase.COMPLETED:
+        fail(f"migration {name} {v.phase.value}: {v.reason}")
+
+
+async def watch(c, name: str, quiet: bool = False, interval: float = 1.0) -> xc.MigrationView:
+    last = None
+    while True:
+        v = await xc.view(c, name)
+        if not quiet:
+            line = f"{v.phase.value}/{v.step}"
+            if line != last:
+                out.print(f"[{time.strftime('%H:%M:%S')}] {name}: {line}")
+                last = line
+            if v.phase == Phase.FULL_SYNC:
+                for d in v.disks:
+                    if d.copy_state == "copying":
+                        out.print(f"    disk{d.index}: {_progress(d)}", markup=False)
+        if v.phase.terminal:
+            return v
+        await asyncio.sleep(interval)  # polling the status query for display
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--watch", "follow", is_flag=True, help="Refresh until the migration ends")
+@temporal_opt
+@json_opt
+@command
+async def status(name, follow, temporal, as_json):
+    """Phase, and per disk: source, volume, bytes copied/total, throughput, ETA, resumed-from."""
+    s = settings_from(temporal)
+    c = await xc.connect(s)
+    while True:
+        v = await xc.view(c, name)
+        if as_json:
+            emit_json(v.model_dump(mode="json"))
+        else:
+            render_status(v)
+        if not follow or v.phase.terminal:
+            break
+        await asyncio.sleep(2)  # refresh period of --watch
+    if v.phase in (Phase.FAILED, Phase.CANCELLED) and not as_json:
+        sys.exit(1)
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def _progress(d: xc.DiskView) -> str:
+    pct = 100 * d.bytes_copied / d.data_bytes_total if d.data_bytes_total else 100.0
+    eta = f"ETA {d.eta_s:.0f}s" if d.eta_s is not None and d.copy_state != "done" else ""
+    resumed = f"resumed from {_size(d.resumed_from)}" if d.resumed_from else ""
+    return " ".join(x for x in [f"{_size(d.bytes_copied)}/{_size(d.data_bytes_total)} ({pct:.0f}%)",
+                                f"{d.throughput / MiB:.0f} MiB/s", eta, resumed, d.copy_state] if x)
+
+
+def render_status(v: xc.MigrationView) -> None:
+    out.print(f"[bold]{v.name}[/bold]  phase [bold]{v.phase.value}[/bold] ({v.step})  status {v.status}  "
+              f"mode {v.mode}  project {v.project}  type {v.volume_type}  az {v.availability_zone or '-'}")
+    if v.reason:
+        out.print(f"reason: {v.reason}", markup=False)
+    t = Table(box=None)
+    for col in ("disk", "source", "volume", "size", "copied / data", "throughput", "ETA", "resumed from", "checksum"):
+        t.add_column(col)
+    for d in v.disks:
+        pct = f" ({100 * d.bytes_copied / d.data_bytes_total:.0f}%)" if d.data_bytes_total else ""
+        t.add_row(
+            str(d.index), d.source, d.volume_id or "-",
+            f"{_size(d.virtual_size)} → {d.volume_size_gib} GiB" if d.virtual_size else "-",
+            f"{_size(d.bytes_copied)} / {_size(d.data_bytes_total)}{pct} {d.copy_state}",
+            f"{d.throughput / MiB:.0f} MiB/s" if d.throughput else "-",
+            f"{d.eta_s:.0f}s" if d.eta_s is not None and d.copy_state != "done" else "-",
+            _size(d.resumed_from) if d.resumed_from else "-",
+            ("match " if d.match else "MISMATCH ") + (d.source_sha256 or "")[:16] if d.match is not None else "-",
+        )
+    out.print(t)
+
+
+@cli.command("list")
+@temporal_opt
+@json_opt
+@command
+async def list_(temporal, as_json):
+    """All migrations, newest first."""
+    s = settings_from(temporal)
+    rows = await xc.list_migrations(await xc.connect(s))
+    if as_json:
+        return emit_json(rows)
+    t = Table(box=None)
+    for col in ("name", "status", "phase", "started", "closed"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["status"], r["phase"] or "-", r["started"] or "-", r["closed"] or "-")
+    out.print(t)
+
+
+@cli.command()
+@click.argument("name")
+@temporal_opt
+@command
+async def cancel(name, temporal):
+    """Cancel a running migration: its volumes are deleted and its quota released."""
+    s = settings_from(temporal)
+    await xc.cancel(await xc.connect(s), name)
+    out.print(f"cancellation of {name} requested; `xms status {name}` shows when it is Cancelled")
+
+
+# ------------------------------------------------------------------------------ block storage
+
+
+def _store(s: Settings):
+    from activities.blockstorage import open_store
+
+    return open_store(s)
+
+
+@cli.command("volume-types")
+@json_opt
+@command
+def volume_types(as_json):
+    """Volume types: backend, availability zone, QoS write limits, encryption, granularity."""
+    types = _store(settings_from(None)).volume_types()
+    if as_json:
+        return emit_json([t.model_dump() for t in types])
+    t = Table(box=None)
+    for col in ("name", "backend", "az", "qos write", "encrypted", "granularity", "description"):
+        t.add_column(col)
+    for vt in types:
+        q = vt.qos
+        qos = ", ".join(x for x in [f"{q.write_bytes_sec // MiB} MiB/s" if q.write_bytes_sec else "",
+                                    f"{q.write_iops_sec} IOPS" if q.write_iops_sec else ""] if x) or "unlimited"
+        t.add_row(vt.name, vt.backend, vt.availability_zone, qos, "yes" if vt.encrypted else "no",
+                  f"{vt.granularity_gib} GiB", vt.description)
+    out.print(t)
+
+
+@cli.command()
+@click.argument("project")
+@click.option("--set", "sets", multiple=True, metavar="KEY=N",
+              help="Set a limit: volumes, gigabytes, volumes_<type>, gigabytes_<type>; -1 = unlimited")
+@json_opt
+@command
+def quota(project, sets, as_json):
+    """A project's quota: limit, in use and reserved, per key."""
+    store = _store(settings_from(None))
+    if sets:
+        limits = {}
+        for kv in sets:
+            k, sep, v = kv.partition("=")
+            if not sep or not v.lstrip("-").isdigit():
+                fail(f"--set {kv!r}: expected KEY=N, e.g. gigabytes=100 or gigabytes_standard-ssd=-1")
+            limits[k] = int(v)
+        from xms.config import check_quota_limits
+
+        try:
+            check_quota_limits(limits)
+        except ValueError as e:
+            fail(str(e))
+        rep = store.set_quota(project, limits)
+    else:
+        rep = store.quota(project)
+    if as_json:
+        return emit_json(rep.model_dump())
+    t = Table(title=f"quota for project {project}", box=None)
+    for col in ("key", "limit", "in use", "reserved"):
+        t.add_column(col)
+    for k, u in rep.quotas.items():
+        t.add_row(k, "unlimited" if u.limit < 0 else str(u.limit), str(u.in_use), str(u.reserved))
+    out.print(t)
+
+
+@cli.command()
+@click.option("--project", default=None)
+@json_opt
+@command
+def volumes(project, as_json):
+    """Volumes: id, name, type, size, status, bootable, backend, file path and format."""
+    vols = _store(settings_from(None)).list_volumes(project=project)
+    if as_json:
+        return emit_json([v.model_dump(mode="json") for v in vols])
+    t = Table(box=None)
+    for col in ("id", "name", "project", "type", "size", "status", "bootable", "backend", "az", "format", "path"):
+        t.add_column(col, overflow="fold")
+    for v in vols:
+        t.add_row(v.id, v.name, v.project, v.volume_type, f"{v.size_gib} GiB", v.status,
+                  "yes" if v.bootable else "no", v.backend, v.availability_zone, v.format, v.path)
+    out.print(t)
+
+
+# ------------------------------------------------------------------------------ demo
+
+
+@cli.command()
+@click.option("--size-gib", default=1, show_default=True, help="Size of the demo's first disk")
+@command
+async def demo(size_gib):
+    """Build a two-disk sample VM (data and holes), migrate it cold, print phases and checksums."""
+    from xms.demo import run_demo
+
+    s = get_settings()
+    configure_logging(s.log_format, os.environ.get("XMS_LOG_LEVEL", "warning"))
+    await run_demo(s, size_gib=size_gib, console=out)
+
+
+def main() -> None:
+    cli(prog_name="xms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Client side of the contract: submit, inspect, cancel migrations. Used by the CLI and tests."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from pydantic import ValidationError
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from workflows.migration import MigrationWorkflow
+from xms.errors import DuplicateMigration, InvalidRequest, NotFound, XmsError
+from xms.models import Admission, CopyProgress, MigrationRequest, MigrationState, Model, Phase
+from xms.settings import Settings
+
+
+class Refused(XmsError):
+    """The migration was refused at admission (validation or quota); ``type`` is the reason's type."""
+
+    def __init__(self, message: str, type_: str):
+        super().__init__(message)
+        self.type = type_
+
+
+class DiskView(Model):
+    index: int
+    source: str
+    volume_id: str | None = None
+    virtual_size: int = 0
+    volume_size_gib: int = 0
+    bytes_copied: int = 0
+    data_bytes_total: int = 0
+    throughput: float = 0.0
+    eta_s: float | None = None
+    resumed_from: int = 0
+    attempt: int = 0
+    copy_state: str = "pending"  # pending | copying | retrying | done
+    source_sha256: str | None = None
+    target_sha256: str | None = None
+    match: bool | None = None
+    snapshot_id: str | None = None
+
+
+class MigrationView(Model):
+    name: str
+    status: str  # Temporal's execution status
+    phase: Phase
+    step: str
+    reason: str | None = None
+    project: str
+    volume_type: str
+    availability_zone: str | None = None
+    mode: str
+    instance_id: str | None = None
+    disks: list[DiskView]
+    started_at: str | None = None
+    finished_at: str | None = None
+    history: list[tuple[str, str, str]] = []
+
+
+async def connect(settings: Settings) -> Client:
+    try:
+        return await Client.connect(
+            settings.temporal_address, namespace=settings.namespace, data_converter=pydantic_data_converter
+        )
+    except RuntimeError as e:
+        raise XmsError(
+            f"cannot reach Temporal at {settings.temporal_address} ({str(e).splitlines()[0]}); "
+            "start it with `xms server` or pass --temporal HOST:PORT"
+        ) from None
+
+
+def build_request(**fields) -> MigrationRequest:
+    try:
+        return MigrationRequest(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise InvalidRequest(f"{where}: {msg}" if where else msg) from None
+
+
+async def submit(client: Client, settings: Settings, req: MigrationRequest) -> Admission:
+    """Start the migration and wait for admission (quota reserved) or refusal, in one call."""
+    op = WithStartWorkflowOperation(
+        MigrationWorkflow.run, req, id=req.name, task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        # a name is free again once its last run failed, was cancelled or terminated
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+        static_summary=f"{req.mode} migration of {len(req.disks)} disk(s) to {req.volume_type} for {req.project}",
+    )
+    try:
+        adm: Admission = await client.execute_update_with_start_workflow(
+            MigrationWorkflow.admission, start_workflow_operation=op, rpc_timeout=timedelta(minutes=10),
+        )
+    except WorkflowUpdateFailedError as e:
+        raise XmsError(f"migration {req.name}: {e.cause or e}") from None
+    except RPCError as e:
+        if e.status == RPCStatusCode.ALREADY_EXISTS or "already" in e.message.lower():
+            raise DuplicateMigration(
+                f"a migration named {req.name!r} already exists (running or completed); choose another name"
+            ) from None
+        raise XmsError(f"cannot start migration {req.name}: {e.message}") from None
+    if not adm.accepted:
+        raise Refused(adm.reason or "refused", adm.reason_type or "Refused")
+    return adm
+
+
+async def wait(client: Client, name: str) -> MigrationView:
+    handle = client.get_workflow_handle(name)
+    try:
+        await handle.result()
+    except WorkflowFailureError:
+        pass
+    return await view(client, name)
+
+
+async def view(client: Client, name: str) -> MigrationView:
+    handle = client.get_workflow_handle(name)
+    try:
+        desc = await handle.describe()
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            raise NotFound(f"no migration named {name!r}; `xms list` shows them") from None
+        raise
+    state: MigrationState = await handle.query(MigrationWorkflow.status)
+    req = state.request
+    disks = []
+    live: dict[int, tuple[CopyProgress, str]] = {}
+    for pa in desc.raw_description.pending_activities:
+        if pa.activity_type.name != "copy_disk" or not pa.heartbeat_details.payloads:
+            continue
+        details = await client.data_converter.decode(pa.heartbeat_details.payloads)
+        p = CopyProgress.model_validate(details[0])
+        st = "retrying" if pa.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED and pa.attempt > 1 else "copying"
+        live[p.disk_index] = (p, st)
+    for d in state.disks:
+        v = DiskView(index=d.index, source=d.source, volume_id=d.volume_id, snapshot_id=d.snapshot_id)
+        if d.plan:
+            v.virtual_size, v.volume_size_gib = d.plan.virtual_size, d.plan.volume_size_gib
+        if d.copy_result:
+            r = d.copy_result
+            v.copy_state, v.bytes_copied, v.resumed_from = "done", r.bytes_read, r.resumed_from
+            v.data_bytes_total, v.throughput = r.bytes_read, r.throughput
+        elif d.index in live:
+            p, v.copy_state = live[d.index]
+            v.bytes_copied, v.data_bytes_total, v.throughput = p.bytes_copied, p.data_bytes_total, p.throughput
+            v.eta_s, v.resumed_from, v.attempt = p.eta_s, p.resumed_from, p.attempt
+            if p.updated_at and time.time() - p.updated_at > 60:
+                v.copy_state = "stalled"
+        if d.checksums:
+            v.source_sha256, v.target_sha256, v.match = d.checksums.source, d.checksums.target, d.checksums.match
+        disks.append(v)
+    return MigrationView(
+        name=name, status=desc.status.name if desc.status else "UNKNOWN", phase=state.phase, step=state.step,
+        reason=state.reason, project=req.project, volume_type=req.volume_type,
+        availability_zone=state.availability_zone, mode=req.mode, instance_id=state.instance_id, disks=disks,
+        started_at=state.started_at.isoformat() if state.started_at else None,
+        finished_at=state.finished_at.isoformat() if state.finished_at else None,
+        history=[(p, s, t.isoformat()) for p, s, t in state.history],
+    )
+
+
+async def list_migrations(client: Client, limit: int = 200) -> list[dict]:
+    out = []
+    async for w in client.list_workflows("WorkflowType='MigrationWorkflow'", limit=limit):
+        phase = w.typed_search_attributes.get(_phase_key()) if w.typed_search_attributes else None
+        out.append({
+            "name": w.id, "status": w.status.name if w.status else "UNKNOWN", "phase": phase,
+            "started": w.start_time.isoformat() if w.start_time else None,
+            "closed": w.close_time.isoformat() if w.close_time else None,
+        })
+    return out
+
+
+def _phase_key():
+    from workflows.migration import PHASE_ATTR
+
+    return PHASE_ATTR
+
+
+async def cancel(client: Client, name: str) -> None:
+    handle = client.get_workflow_handle(name)
+    try:
+        desc = await handle.describe()
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            raise NotFound(f"no migration named {name!r}; `xms list` shows them") from None
+        raise
+    if desc.status != WorkflowExecutionStatus.RUNNING:
+        raise InvalidRequest(f"migration {name} is not running (status {desc.status.name}); nothing to cancel")
+    await handle.cancel()
+
+
+def failure_line(e: BaseException) -> str:
+    cause = e
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    return cause.message if isinstance(cause, ApplicationError) else str(cause)

@@ -1,0 +1,316 @@
+"""The contract: one pydantic model in and one out for every workflow, activity, query and update.
+
+Fields are only ever added, with defaults, so that histories recorded by older versions replay.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GiB = 1024**3
+MiB = 1024**2
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RULE = "1-63 characters: lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+# --------------------------------------------------------------------------- block storage
+
+
+class QoS(Model):
+    write_bytes_sec: int = Field(0, ge=0, description="0 = unlimited")
+    write_iops_sec: int = Field(0, ge=0, description="0 = unlimited")
+
+
+class VolumeTypeInfo(Model):
+    name: str
+    backend: str
+    availability_zone: str
+    qos: QoS = QoS()
+    encrypted: bool = False
+    granularity_gib: int = Field(1, ge=1)
+    description: str = ""
+
+    def footprint_gib(self, size_bytes: int) -> int:
+        """Size in GiB of the volume that holds ``size_bytes``, rounded up to the granularity."""
+        g = self.granularity_gib * GiB
+        return max(1, -(-size_bytes // g)) * self.granularity_gib
+
+
+class TargetEndpoint(Model):
+    """Where the copy engine writes (or reads back) a volume's bytes."""
+
+    kind: Literal["file", "nbd"]
+    path: str = ""  # kind == file: a raw file or block device
+    uri: str = ""  # kind == nbd
+    size: int  # bytes
+    fresh: bool = False  # never written since creation: reads as zeroes, zero extents need no write
+
+
+class VolumeRef(Model):
+    id: str
+    name: str
+    project: str
+    size_gib: int
+    volume_type: str
+    backend: str
+    availability_zone: str
+    status: str
+    bootable: bool = False
+    encrypted: bool = False
+    path: str = ""  # local store: the file holding the volume
+    format: str = ""  # local store: raw | qcow2
+    metadata: dict[str, str] = {}
+    created_at: datetime | None = None
+
+
+class SnapshotRef(Model):
+    id: str
+    name: str
+    volume_id: str
+    size_gib: int
+    status: str
+    path: str = ""
+
+
+class InstanceRef(Model):
+    id: str
+    name: str
+    project: str
+    volume_ids: list[str] = []  # in boot order
+
+
+class QuotaUsage(Model):
+    limit: int  # -1 = unlimited
+    in_use: int
+    reserved: int
+
+
+class QuotaReport(Model):
+    project: str
+    quotas: dict[str, QuotaUsage]  # "volumes", "gigabytes", "gigabytes_<type>"
+
+
+class Reservation(Model):
+    id: str
+    project: str
+    volume_type: str
+    volumes: int
+    gigabytes: int
+
+
+# --------------------------------------------------------------------------- migration contract
+
+
+class Phase(str, Enum):
+    INITIALIZING = "Initializing"
+    FULL_SYNC = "FullSync"
+    READY = "Ready"
+    SYNCING = "Syncing"
+    CUTTING_OVER = "CuttingOver"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED)
+
+
+class MigrationRequest(Model):
+    name: str
+    disks: list[str] = Field(min_length=1, max_length=26)
+    project: str
+    volume_type: str
+    availability_zone: str | None = None
+    mode: Literal["cold", "warm"] = "cold"
+    snapshot: bool = True
+    keep_on_failure: bool = False
+    # activity knobs, kept small so tests and operators can tune them
+    heartbeat_timeout_s: int = Field(30, ge=2, le=3600)
+
+    @field_validator("name", "project")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid name ({NAME_RULE})")
+        return v
+
+    @field_validator("disks")
+    @classmethod
+    def _disks(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not d or d != d.strip():
+                raise ValueError(f"disk source {d!r} is empty or has surrounding spaces")
+        if len(set(v)) != len(v):
+            raise ValueError("the same disk source is given twice")
+        return v
+
+    @model_validator(mode="after")
+    def _mode(self) -> "MigrationRequest":
+        if self.mode == "warm":
+            raise ValueError("mode 'warm' is not available in this version; allowed: cold")
+        return self
+
+
+class DiskPlan(Model):
+    index: int
+    source: str
+    source_kind: Literal["nbd", "image"]
+    source_format: str = "raw"  # for images: raw | qcow2
+    virtual_size: int
+    volume_size_gib: int
+
+
+class ValidationResult(Model):
+    volume_type: VolumeTypeInfo
+    availability_zone: str
+    disks: list[DiskPlan]
+    host_queue: str
+
+    @property
+    def footprint_gib(self) -> int:
+        return sum(d.volume_size_gib for d in self.disks)
+
+
+class CopyProgress(Model):
+    """Heartbeat details of a copy: small, so that it can be sent often."""
+
+    disk_index: int
+    offset: int = 0  # everything below this offset is on the target: resume here
+    bytes_total: int = 0  # virtual size of the disk
+    data_bytes_total: int = 0  # allocated bytes to transfer (from base:allocation)
+    bytes_copied: int = 0  # data bytes written so far, all attempts
+    resumed_from: int = 0  # offset this attempt started at
+    attempt: int = 1
+    throughput: float = 0.0  # bytes/s of this attempt
+    eta_s: float | None = None
+    updated_at: float = 0.0  # unix time
+
+
+class CopyInput(Model):
+    migration: str
+    disk: DiskPlan
+    volume_id: str
+    qos: QoS = QoS()
+    fresh: bool = True  # the volume was created empty for this copy: zero extents need no write
+
+
+class CopyResult(Model):
+    disk_index: int
+    bytes_total: int
+    bytes_read: int
+    bytes_written: int
+    zero_bytes_skipped: int
+    resumed_from: int
+    duration_s: float
+    throughput: float
+
+
+class VerifyInput(Model):
+    migration: str
+    disk: DiskPlan
+    volume_id: str
+
+
+class Checksums(Model):
+    algorithm: str = "sha256-4MiB-chunks"
+    length: int
+    source: str
+    target: str
+    target_tail_zero: bool = True
+
+    @property
+    def match(self) -> bool:
+        return self.source == self.target and self.target_tail_zero
+
+
+class DiskState(Model):
+    index: int
+    source: str
+    plan: DiskPlan | None = None
+    volume_id: str | None = None
+    copy_result: CopyResult | None = None
+    checksums: Checksums | None = None
+    snapshot_id: str | None = None
+
+
+class MigrationState(Model):
+    request: MigrationRequest
+    phase: Phase = Phase.INITIALIZING
+    step: str = "Validate"
+    reason: str | None = None
+    reason_type: str | None = None
+    volume_type: VolumeTypeInfo | None = None
+    availability_zone: str | None = None
+    host_queue: str | None = None
+    reservation_id: str | None = None
+    disks: list[DiskState] = []
+    instance_id: str | None = None
+    admitted: bool | None = None  # None: not decided yet
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    history: list[tuple[str, str, datetime]] = []  # (phase, step, at)
+
+
+class Admission(Model):
+    accepted: bool
+    phase: Phase
+    reason: str | None = None
+    reason_type: str | None = None
+    reservation_id: str | None = None
+    footprint_gib: int = 0
+
+
+class CleanupInput(Model):
+    migration: str
+    project: str
+    reservation_id: str | None = None
+    delete_volumes: bool = True
+    volume_ids: list[str] = []
+
+
+class FinalizeInput(Model):
+    migration: str
+    project: str
+    volume_ids: list[str]  # in disk order; the first is the boot volume
+    metadata: dict[str, str] = {}
+
+
+class SnapshotInput(Model):
+    migration: str
+    volume_id: str
+    disk_index: int
+
+
+class ReserveInput(Model):
+    migration: str
+    project: str
+    volume_type: str
+    sizes_gib: list[int]
+
+
+class CreateVolumeInput(Model):
+    migration: str
+    project: str
+    reservation_id: str
+    disk: DiskPlan
+    volume_type: str
+    availability_zone: str
+
+
+class MigrationResult(Model):
+    name: str
+    phase: Phase
+    disks: list[DiskState]
+    instance_id: str | None = None
+    reason: str | None = None

@@ -347,7 +347,22 @@ async def demo(size_gib):
 
 
 def main() -> None:
-    cli(prog_name="xms")
+    """Run the CLI and leave with os._exit: a process that used a Temporal client can abort in
+    interpreter finalization after success (sdk-python #300), which must not turn into a failure."""
+    code = 0
+    try:
+        cli.main(prog_name="xms", standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("xms: aborted")
+        code = 130
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

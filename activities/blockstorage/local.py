@@ -25,17 +25,8 @@ from uuid import uuid4
 
 from xms.config import QUOTA_KEY_RE, XmsConfig, check_quota_limits, load_config
 from xms.errors import InvalidRequest, NotFound, QuotaExceeded, TransientIOError, UnknownVolumeType
-from xms.models import (
-    GiB,
-    InstanceRef,
-    QuotaReport,
-    QuotaUsage,
-    Reservation,
-    SnapshotRef,
-    TargetEndpoint,
-    VolumeRef,
-    VolumeTypeInfo,
-)
+from xms.models import (GiB, InstanceRef, QuotaReport, QuotaUsage, Reservation, SnapshotRef, TargetEndpoint,
+                        VolumeRef, VolumeTypeInfo)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes (
@@ -109,11 +100,10 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _quota_key(key: str) -> tuple[str, str | None]:
-    """``gigabytes_standard-ssd`` -> ("gigabytes", "standard-ssd"); ``volumes`` -> ("volumes", None)."""
-    m = QUOTA_KEY_RE.match(key)
-    if not m:
-        raise InvalidRequest(f"unknown quota key {key!r}; allowed: volumes, gigabytes, volumes_<type>, gigabytes_<type>")
-    return m.group(1), (m.group(2)[1:] if m.group(2) else None)
+    """``gigabytes_standard-ssd`` -> ("gigabytes", "standard-ssd"); ``volumes`` -> ("volumes", None).
+    Keys reaching here were validated by ``check_quota_limits``."""
+    kind, suffix = QUOTA_KEY_RE.match(key).groups()
+    return kind, suffix[1:] if suffix else None
 
 
 class LocalBlockStore:
@@ -149,7 +139,7 @@ class LocalBlockStore:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; the lock is taken up front, so check-then-write is atomic."""
         with self._conn() as con:
-            con.execute("BEGIN")
+            con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
             except BaseException:
@@ -220,12 +210,12 @@ class LocalBlockStore:
     def reserve(self, project: str, migration: str, volume_type: str, sizes_gib: list[int]) -> Reservation:
         self.get_volume_type(volume_type)
         if not sizes_gib or any(s < 1 for s in sizes_gib):
-            raise InvalidRequest(f"reservation for {migration} needs one size of at least 1 GiB per disk, got {sizes_gib}")
+            raise InvalidRequest(f"reservation for {migration} needs one size >= 1 GiB per disk, got {sizes_gib}")
         with self._tx() as con:
             row = con.execute("SELECT * FROM reservations WHERE migration = ?", (migration,)).fetchone()
             if row is not None:
-                sizes = [r[0] for r in con.execute(
-                    "SELECT size_gib FROM reservation_items WHERE reservation_id = ? ORDER BY disk_index", (row["id"],))]
+                sizes = [r[0] for r in con.execute("SELECT size_gib FROM reservation_items WHERE reservation_id = ?"
+                                                   " ORDER BY disk_index", (row["id"],))]
                 if (row["project"], row["volume_type"], sizes) != (project, volume_type, list(sizes_gib)):
                     raise InvalidRequest(
                         f"migration {migration} already holds reservation {row['id']} for project {row['project']}, "
@@ -245,7 +235,8 @@ class LocalBlockStore:
                         f"quota exceeded for project {project}: {key} requested {requested}{u}, limit {limit}{u}, "
                         f"in use {in_use}{u}, reserved {reserved}{u}")
             rid = str(uuid4())
-            con.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?)", (rid, project, migration, volume_type, _now()))
+            con.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?)",
+                        (rid, project, migration, volume_type, _now()))
             con.executemany("INSERT INTO reservation_items (reservation_id, disk_index, size_gib) VALUES (?, ?, ?)",
                             [(rid, i, s) for i, s in enumerate(sizes_gib)])
             return self._reservation(con, rid)
@@ -321,7 +312,8 @@ class LocalBlockStore:
         if row["status"] == "creating":  # also finishes a volume whose creator died half-way
             self._make_file(row)
             with self._tx() as con:
-                con.execute("UPDATE volumes SET status = 'available' WHERE id = ? AND status = 'creating'", (row["id"],))
+                con.execute("UPDATE volumes SET status = 'available' WHERE id = ? AND status = 'creating'",
+                            (row["id"],))
         return self.get_volume(row["id"])
 
     def _make_file(self, row: sqlite3.Row) -> None:
@@ -404,25 +396,26 @@ class LocalBlockStore:
         argv = ["qemu-nbd", "--object", f"secret,id=sec0,file={self._key_path(row['id'])}", "--image-opts",
                 f"driver=qcow2,file.filename={row['path']},encrypt.key-secret=sec0", "-k", sock,
                 "--discard=unmap", "-e", "4", "--persistent", *([] if writable else ["-r"])]
-        log = open(sock_dir / "qemu-nbd.log", "w+")
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
-            deadline = time.monotonic() + NBD_START_TIMEOUT_S
-            while not self._listening(sock):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    detail = (log.read().strip().splitlines() or ["no output"])[-1]
-                    raise TransientIOError(f"qemu-nbd for volume {row['id']} did not start: {detail}")
-                time.sleep(0.02)
-            yield sock
+            with open(sock_dir / "qemu-nbd.log", "w+") as log:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                try:
+                    deadline = time.monotonic() + NBD_START_TIMEOUT_S
+                    while not self._listening(sock):
+                        if proc.poll() is not None or time.monotonic() > deadline:
+                            log.seek(0)
+                            detail = (log.read().strip().splitlines() or ["no output"])[-1]
+                            raise TransientIOError(f"qemu-nbd for volume {row['id']} did not start: {detail}")
+                        time.sleep(0.02)
+                    yield sock
+                finally:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
             shutil.rmtree(sock_dir, ignore_errors=True)
 
     @staticmethod
@@ -445,6 +438,8 @@ class LocalBlockStore:
     def create_snapshot(self, volume_id: str, name: str) -> SnapshotRef:
         with self._tx() as con:
             vol = self._row(con, volume_id)
+            if vol["status"] != "available":
+                raise InvalidRequest(f"volume {volume_id} is {vol['status']}, not available")
             snap = con.execute("SELECT * FROM snapshots WHERE volume_id = ? AND name = ?", (volume_id, name)).fetchone()
             if snap is None:
                 sid = str(uuid4())
@@ -504,7 +499,8 @@ class LocalBlockStore:
 
     def delete_instance(self, name: str) -> None:
         with self._tx() as con:
-            con.execute("DELETE FROM attachments WHERE instance_id IN (SELECT id FROM instances WHERE name = ?)", (name,))
+            con.execute("DELETE FROM attachments WHERE instance_id IN"
+                        " (SELECT id FROM instances WHERE name = ?)", (name,))
             con.execute("DELETE FROM instances WHERE name = ?", (name,))
 
 

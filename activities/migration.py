@@ -20,7 +20,7 @@ from activities import copyengine
 from activities.blockstorage.port import BlockStorage
 from activities.transport import nbd as transport
 from xms import telemetry
-from xms.errors import InvalidAvailabilityZone, XmsError
+from xms.errors import DuplicateMigration, InvalidAvailabilityZone, XmsError
 from xms.models import (
     Checksums,
     CleanupInput,
@@ -108,6 +108,12 @@ class MigrationActivities:
     @activity.defn(name="reserve")
     @_errors
     def reserve(self, inp: ReserveInput) -> Reservation:
+        kept = self.store.list_volumes(migration=inp.migration)
+        if kept:
+            raise DuplicateMigration(
+                f"volumes kept from an earlier failed run of {inp.migration} still exist "
+                f"({', '.join(v.id for v in kept)}); delete them with `xms cleanup {inp.migration}` or choose another name"
+            )
         r = self.store.reserve(inp.project, inp.migration, inp.volume_type, inp.sizes_gib)
         _log().info("reserved", reservation=r.id, gigabytes=r.gigabytes, volumes=r.volumes)
         return r

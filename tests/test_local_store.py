@@ -13,7 +13,7 @@ import pytest
 
 from activities.blockstorage.local import LocalBlockStore, open_local_store
 from xms.config import load_config
-from xms.errors import InvalidRequest, NotFound, QuotaExceeded, UnknownVolumeType
+from xms.errors import InvalidRequest, NotFound, QuotaExceeded, TransientIOError, UnknownVolumeType
 from xms.models import GiB, MiB
 
 MARKER = b"xms-plaintext-marker:"
@@ -321,6 +321,16 @@ def test_encrypted_volume_keeps_plaintext_off_disk(store, tmp_path):
 
     store.delete_volume(vol.id)
     assert not Path(vol.path).exists() and not key.exists()
+
+
+def test_nbd_start_failure_is_one_line_and_leaves_nothing_behind(store):
+    _, vol = make_volume(store, "secret", vtype="encrypted-ssd")
+    (store.data_dir / "keys" / f"{vol.id}.key").unlink()
+    with pytest.raises(TransientIOError) as e:
+        with store.open_target(vol.id):
+            pytest.fail("the endpoint must not be handed out")
+    assert str(e.value).startswith(f"qemu-nbd for volume {vol.id} did not start: ") and "\n" not in str(e.value)
+    assert list((store.data_dir / "run").iterdir()) == []
 
 
 def test_file_and_directory_modes(tmp_path):

@@ -42,6 +42,10 @@ def command(fn):
             fail(str(e))
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except Exception as e:  # unexpected: still one line, the traceback with XMS_DEBUG=1
+            if os.environ.get("XMS_DEBUG"):
+                raise
+            fail(f"{type(e).__name__}: {e} (XMS_DEBUG=1 shows the traceback)")
 
     return wrapper
 
@@ -247,6 +251,23 @@ async def cancel(name, temporal):
     s = settings_from(temporal)
     await xc.cancel(await xc.connect(s), name)
     out.print(f"cancellation of {name} requested; `xms status {name}` shows when it is Cancelled")
+
+
+@cli.command()
+@click.argument("name")
+@temporal_opt
+@command
+async def cleanup(name, temporal):
+    """Delete what a failed migration kept (--keep-on-failure): its volumes and instance record."""
+    s = settings_from(temporal)
+    if await xc.is_running(await xc.connect(s), name):
+        fail(f"migration {name} is running; cancel it with `xms cancel {name}` (that cleans up by itself)")
+    store = _store(s)
+    store.delete_instance(name)
+    vols = store.list_volumes(migration=name)
+    for v in vols:
+        store.delete_volume(v.id)
+    out.print(f"{name}: deleted {len(vols)} volume(s) and the instance record")
 
 
 # ------------------------------------------------------------------------------ block storage

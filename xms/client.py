@@ -16,7 +16,7 @@ from temporalio.client import (
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.migration import MigrationWorkflow
@@ -104,6 +104,10 @@ async def submit(client: Client, settings: Settings, req: MigrationRequest) -> A
         adm: Admission = await client.execute_update_with_start_workflow(
             MigrationWorkflow.admission, start_workflow_operation=op, rpc_timeout=timedelta(minutes=10),
         )
+    except WorkflowAlreadyStartedError:
+        raise DuplicateMigration(
+            f"a migration named {req.name!r} already exists (running or completed); choose another name"
+        ) from None
     except WorkflowUpdateFailedError as e:
         raise XmsError(f"migration {req.name}: {e.cause or e}") from None
     except RPCError as e:
@@ -188,6 +192,16 @@ def _phase_key():
     from workflows.migration import PHASE_ATTR
 
     return PHASE_ATTR
+
+
+async def is_running(client: Client, name: str) -> bool:
+    try:
+        desc = await client.get_workflow_handle(name).describe()
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return desc.status == WorkflowExecutionStatus.RUNNING
 
 
 async def cancel(client: Client, name: str) -> None:

@@ -101,5 +101,6 @@ def show_result(v: xc.MigrationView, settings: Settings, console: Console) -> No
                   "yes" if d.match else "NO")
     console.print(t)
     for d in v.disks:
-        console.print(f"disk{d.index} source sha256 {d.source_sha256}\ndisk{d.index} target sha256 {d.target_sha256}")
-    console.print(f"Web UI: {settings.ui_url}/{v.name}")
+        console.print(f"disk{d.index} source sha256 {d.source_sha256}", soft_wrap=True)
+        console.print(f"disk{d.index} target sha256 {d.target_sha256}", soft_wrap=True)
+    console.print(f"Web UI: {settings.ui_url}/{v.name}", soft_wrap=True)

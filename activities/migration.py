@@ -208,7 +208,7 @@ class MigrationActivities:
                 loc, kind = (target.path, "image") if target.kind == "file" else (target.uri, "nbd")
                 with transport.handle(loc, kind, "raw") as h:
                     tgt = copyengine.checksum(h, n, transport.extents(h, 0, n))
-                    tail_zero = all(e.zero for e in transport.extents(h, n, target.size))
+                    tail_zero = copyengine.reads_as_zero(h, transport.extents(h, n, target.size))
             src = src_future.result()
         sums = Checksums(length=n, source=src, target=tgt, target_tail_zero=tail_zero)
         _log(disk=disk.index).info("verified", match=sums.match, sha256=src)

@@ -40,6 +40,9 @@ def test_server_starts_refuses_twice_and_stops_everything(tmp_path):
     try:
         metrics = wait_until(lambda: _get(f"http://127.0.0.1:{env['XMS_METRICS_PORT']}/metrics"), 60, "metrics")
         assert "xms_bytes_copied_total" in metrics and "xms_activity_failures_total" in metrics
+        # xms_migrations{phase} is filled from Temporal visibility (the XmsPhase search attribute)
+        wait_until(lambda: 'xms_migrations{phase="Completed"} 0.0' in (_get(
+            f"http://127.0.0.1:{env['XMS_METRICS_PORT']}/metrics") or ""), 60, "xms_migrations gauge")
         assert wait_until(lambda: _get(f"http://127.0.0.1:{env['XMS_UI_PORT']}/"), 60, "web ui")
         # the CLI talks to it
         r = subprocess.run([sys.executable, "-m", "xms", "list", "--json"], env=env, capture_output=True, text=True)

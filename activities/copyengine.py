@@ -266,7 +266,10 @@ def reads_as_zero(h: nbd.NBD, extents: Iterable[Extent]) -> bool:
 
 
 
-def checksum(h: nbd.NBD, length: int, extents: Iterable[Extent], depth: int = 8) -> str:
+def checksum(
+    h: nbd.NBD, length: int, extents: Iterable[Extent], depth: int = 8,
+    on_progress: Callable[[int], None] = lambda done: None, progress_every: int = 64,
+) -> str:
     """sha256 over the sha256 of each 4 MiB chunk of [0, length): independent of layout, and
     chunks that lie wholly in zero extents are not read (their digest is precomputed)."""
     zero_digest = hashlib.sha256(ZEROES).digest()
@@ -301,6 +304,8 @@ def checksum(h: nbd.NBD, length: int, extents: Iterable[Extent], depth: int = 8)
                     h.poll(-1)
             pending.popleft()
             out.update(hashlib.sha256(buf).digest() if cookie else zero_digest)
+            if i % progress_every == 0:
+                on_progress(i * CHUNK)
             issue()
     except nbd.Error as e:
         raise TransientIOError(f"checksum read failed: {e.string or e}") from None

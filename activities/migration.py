@@ -8,9 +8,11 @@ non-retryable.
 from __future__ import annotations
 
 import functools
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import TypeVar
 
 from temporalio import activity
@@ -18,9 +20,10 @@ from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities import copyengine
 from activities.blockstorage.port import BlockStorage
+from activities.transport import cbt
 from activities.transport import nbd as transport
 from xms import telemetry
-from xms.errors import DuplicateMigration, InvalidAvailabilityZone, XmsError
+from xms.errors import DuplicateMigration, InvalidAvailabilityZone, InvalidRequest, SourceCannotTrack, XmsError
 from xms.models import (
     Checksums,
     CleanupInput,
@@ -36,8 +39,8 @@ from xms.models import (
     ReserveInput,
     SnapshotInput,
     SnapshotRef,
+    TrackerInput,
     ValidationResult,
-    VerifyInput,
     VolumeRef,
 )
 from xms.settings import Settings
@@ -91,7 +94,13 @@ class MigrationActivities:
                 f"--az {req.availability_zone} is not allowed (omit --az or use {vt.availability_zone})"
             )
         with ThreadPoolExecutor(max_workers=min(8, len(req.disks))) as pool:
-            infos = list(pool.map(transport.probe, req.disks))
+            infos = list(pool.map(self._probe, req.disks))
+        for s in infos:
+            if req.mode == "cold" and s.kind == "qmp":
+                raise InvalidRequest(f"{s.location} is a live disk; live disks can only be migrated with --mode warm")
+            why = cbt.can_track(s.location, s.kind, s.format, req.bitmap) if req.mode == "warm" else None
+            if why:
+                raise SourceCannotTrack(f"cannot migrate warm: {why}")
         disks = [
             DiskPlan(
                 index=i, source=s.location, source_kind=s.kind, source_format=s.format,
@@ -104,6 +113,14 @@ class MigrationActivities:
             volume_type=vt, availability_zone=vt.availability_zone, disks=disks,
             host_queue=self.settings.effective_host_queue,
         )
+
+    def _probe(self, source: str) -> transport.SourceInfo:
+        if source.startswith("qmp+unix://"):
+            from activities.transport.live import LiveDisk, parse_qmp_uri
+
+            sock, node = parse_qmp_uri(source)
+            return transport.SourceInfo("qmp", source, "raw", LiveDisk(sock, node, self.settings.run_dir).size())
+        return transport.probe(source)
 
     @activity.defn(name="reserve")
     @_errors
@@ -136,89 +153,131 @@ class MigrationActivities:
     @activity.defn(name="copy_disk")
     @_errors
     def copy_disk(self, inp: CopyInput) -> CopyResult:
+        """Copy one generation of a disk: 0 = every allocated extent, g >= 1 = the extents dirty
+        in sync g. Resumes at the heartbeated offset of the same generation; optionally verifies
+        source (as frozen) against target in the same freeze."""
         info = activity.info()
-        disk = inp.disk
-        log = _log(disk=disk.index, volume=inp.volume_id)
+        disk, g = inp.disk, inp.generation
+        log = _log(disk=disk.index, volume=inp.volume_id, generation=g)
         prev = CopyProgress.model_validate(info.heartbeat_details[0]) if info.heartbeat_details else None
+        if prev and prev.generation != g:
+            prev = None
         start = prev.offset if prev else 0
         if prev:
             telemetry.RESUMES.inc()
-            log.info("resuming copy", offset=start)
+            log.info("resuming copy", offset=start, stage=prev.stage)
         vt = self.store.get_volume(inp.volume_id).volume_type
         t0 = time.monotonic()
         progress = CopyProgress(
-            disk_index=disk.index, offset=start, bytes_total=disk.virtual_size, resumed_from=start,
+            disk_index=disk.index, generation=g, offset=start, bytes_total=disk.virtual_size, resumed_from=start,
             attempt=info.attempt, bytes_copied=prev.bytes_copied if prev else 0,
         )
         reported = {"read": 0, "written": 0}
 
+        def beat(**changes) -> None:
+            nonlocal progress
+            progress = progress.model_copy(update={**changes, "updated_at": time.time()})
+            activity.heartbeat(progress.model_dump(mode="json"))
+
         def on_progress(s: copyengine.CopyStats) -> None:
             telemetry.BYTES_READ.labels(vt).inc(s.bytes_read - reported["read"])
             telemetry.BYTES_COPIED.labels(vt).inc(s.bytes_written - reported["written"])
-            reported.update(read=s.bytes_read, written=s.bytes_written)
             telemetry.COPY_THROUGHPUT.labels(inp.migration, str(disk.index)).set(s.throughput)
-            p = progress.model_copy(update=dict(
-                offset=s.offset, bytes_copied=progress.bytes_copied + s.bytes_read,
-                throughput=s.throughput, eta_s=s.eta_s, updated_at=time.time(),
-            ))
-            activity.heartbeat(p.model_dump(mode="json"))
+            base = progress.bytes_copied - reported["read"]
+            reported.update(read=s.bytes_read, written=s.bytes_written)
+            beat(offset=s.offset, bytes_copied=base + s.bytes_read, throughput=s.throughput, eta_s=s.eta_s)
 
-        with (
-            transport.handle(disk.source, disk.source_kind, disk.source_format) as src,
-            self.store.open_target(inp.volume_id) as target,
-        ):
-            full = list(transport.extents(src, 0, disk.virtual_size))
-            progress.data_bytes_total = sum(e.length for e in full if not e.zero)
-            plan = _clip(full, start)
-            writer = copyengine.open_writer(target)
+        with tracker_for(inp, self.settings).freeze(g) as view:
+            frozen_at = datetime.now(timezone.utc)
+            if view is None:
+                log.info("generation already committed")
+                return CopyResult(disk_index=disk.index, bytes_total=disk.virtual_size, bytes_read=0,
+                                  bytes_written=0, zero_bytes_skipped=0, resumed_from=start, duration_s=0.0,
+                                  throughput=0.0, generation=g, skipped=True, frozen_at=frozen_at)
+            src = view.connect()
             try:
-                stats = copyengine.copy(
-                    src, plan, writer, fresh=inp.fresh,
-                    throttle=copyengine.Throttle(inp.qos.write_bytes_sec, inp.qos.write_iops_sec),
-                    on_progress=on_progress, should_stop=activity.is_cancelled,
-                )
-            except copyengine.Stopped as e:
-                raise CancelledError(str(e)) from None
+                if view.bitmap is None:
+                    full = list(transport.extents(src, 0, disk.virtual_size))
+                    plan = [e for e in full if not e.zero]
+                else:
+                    full = plan = list(transport.dirty_extents(src, view.bitmap, disk.virtual_size))
+                changed = sum(e.length for e in plan)
+                progress.data_bytes_total = changed
+                todo = _clip(full, start) if start < disk.virtual_size else []
+                with self.store.open_target(inp.volume_id) as target:
+                    stats = copyengine.CopyStats(offset=disk.virtual_size, end=disk.virtual_size, started_from=start)
+                    if todo:
+                        writer = copyengine.open_writer(target)
+                        try:
+                            stats = copyengine.copy(
+                                src, todo, writer, fresh=(g == 0),
+                                throttle=copyengine.Throttle(inp.qos.write_bytes_sec, inp.qos.write_iops_sec),
+                                on_progress=on_progress, should_stop=activity.is_cancelled,
+                            )
+                        except copyengine.Stopped as e:
+                            raise CancelledError(str(e)) from None
+                        finally:
+                            writer.close()
+                    beat(offset=disk.virtual_size, stage="verify" if inp.verify else "copy")
+                    sums = self._checksums(src, target, disk.virtual_size, beat) if inp.verify else None
             finally:
-                writer.close()
+                transport.close(src)
         dur = time.monotonic() - t0
         telemetry.COPY_DURATION.observe(dur)
         telemetry.ZERO_BYTES_SKIPPED.labels(vt).inc(stats.zero_bytes_skipped)
         result = CopyResult(
             disk_index=disk.index, bytes_total=disk.virtual_size, bytes_read=stats.bytes_read,
             bytes_written=stats.bytes_written, zero_bytes_skipped=stats.zero_bytes_skipped,
-            resumed_from=start, duration_s=dur, throughput=stats.throughput,
+            zero_bytes_written=stats.zero_bytes_written, resumed_from=start, duration_s=dur,
+            throughput=stats.throughput, generation=g, changed_bytes=changed, extents=len(plan),
+            frozen_at=frozen_at, checksums=sums,
         )
-        log.info("copied", **result.model_dump(exclude={"disk_index"}))
-        return result
-
-    @activity.defn(name="verify_disk")
-    @_errors
-    def verify_disk(self, inp: VerifyInput) -> Checksums:
-        disk = inp.disk
-        n = disk.virtual_size
-
-        def source_sum() -> str:
-            with transport.handle(disk.source, disk.source_kind, disk.source_format) as h:
-                return copyengine.checksum(h, n, transport.extents(h, 0, n))
-
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            src_future = pool.submit(source_sum)
-            with self.store.open_target(inp.volume_id, writable=False) as target:
-                loc, kind = (target.path, "image") if target.kind == "file" else (target.uri, "nbd")
-                with transport.handle(loc, kind, "raw") as h:
-                    tgt = copyengine.checksum(h, n, transport.extents(h, 0, n))
-                    tail_zero = copyengine.reads_as_zero(h, transport.extents(h, n, target.size))
-            src = src_future.result()
-        sums = Checksums(length=n, source=src, target=tgt, target_tail_zero=tail_zero)
-        _log(disk=disk.index).info("verified", match=sums.match, sha256=src)
-        if not sums.match:
+        log.info("copied", **result.model_dump(exclude={"disk_index", "checksums", "frozen_at"}))
+        if sums and not sums.match:
             raise ApplicationError(
-                f"disk {disk.index}: target checksum {tgt[:16]}… differs from source {src[:16]}…"
-                + ("" if tail_zero else " (target has data past the source's end)"),
+                f"disk {disk.index}: target checksum {sums.target[:16]}… differs from source {sums.source[:16]}…"
+                + ("" if sums.target_tail_zero else " (target has data past the source's end)"),
                 type="ChecksumMismatch", non_retryable=True,
             )
-        return sums
+        return result
+
+    def _checksums(self, src, target, n: int, beat) -> Checksums:
+        """Source (through the frozen view) and target checksums, computed side by side."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            src_future = pool.submit(copyengine.checksum, src, n, list(transport.extents(src, 0, n)))
+            loc, kind = (target.path, "image") if target.kind == "file" else (target.uri, "nbd")
+            with transport.handle(loc, kind, "raw") as h:
+                tgt = copyengine.checksum(h, n, list(transport.extents(h, 0, n)),
+                                          on_progress=lambda done: beat(verified=done))
+                tail_zero = copyengine.reads_as_zero(h, transport.extents(h, n, target.size))
+            return Checksums(length=n, source=src_future.result(), target=tgt, target_tail_zero=tail_zero)
+
+    @activity.defn(name="stop_tracking")
+    @_errors
+    def stop_tracking(self, inp: TrackerInput) -> None:
+        """Remove xms's bitmaps (and live fleecing nodes) from a warm source. Idempotent."""
+        tracker_for(CopyInput(migration=inp.migration, disk=inp.disk, volume_id="", track=True,
+                              bitmap=inp.bitmap), self.settings).stop()
+        _log(disk=inp.disk.index).info("change tracking stopped")
+
+    @activity.defn(name="power_off_source")
+    @_errors
+    def power_off_source(self, inp: TrackerInput) -> str:
+        """PowerOffSource: the hook command if one was given; for a live disk, pause the VM (QMP
+        ``stop``) so that nothing writes after the final delta's freeze; images need nothing."""
+        if inp.command:
+            r = subprocess.run(inp.command, capture_output=True, text=True, timeout=600)
+            if r.returncode != 0:
+                tail = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+                raise ApplicationError(f"power-off hook {inp.command[0]} failed: {tail}", type="PowerOffFailed",
+                                       non_retryable=True)
+            return f"hook {inp.command[0]} ran"
+        if inp.disk.source_kind == "qmp":
+            from activities.transport.live import LiveDisk, parse_qmp_uri
+
+            sock, node = parse_qmp_uri(inp.disk.source)
+            return LiveDisk(sock, node, self.settings.run_dir).pause()
+        return "nothing to do for an image or NBD source"
 
     # ------------------------------------------------------------------ finish and clean up
 
@@ -262,8 +321,22 @@ class MigrationActivities:
         _log().info("cleaned up", volumes_deleted=len(deleted), reservation=inp.reservation_id)
 
     def all(self) -> list[Callable]:
-        return [self.validate, self.reserve, self.create_volume, self.copy_disk, self.verify_disk,
-                self.finalize, self.snapshot, self.release, self.cleanup]
+        return [self.validate, self.reserve, self.create_volume, self.copy_disk, self.stop_tracking,
+                self.power_off_source, self.finalize, self.snapshot, self.release, self.cleanup]
+
+
+def tracker_for(inp: CopyInput, settings: Settings) -> cbt.ChangeTracker:
+    d = inp.disk
+    if not inp.track:
+        return cbt.Untracked(d.source, d.source_kind, d.source_format)
+    if d.source_kind == "qmp":
+        from activities.transport.live import LiveDisk, parse_qmp_uri
+
+        sock, node = parse_qmp_uri(d.source)
+        return LiveDisk(sock, node, settings.run_dir)
+    if d.source_kind == "image":
+        return cbt.QuiescedImage(d.source)
+    return cbt.ExportedBitmap(d.source, inp.bitmap or "")
 
 
 def _clip(extents: list[transport.Extent], start: int) -> list[transport.Extent]:

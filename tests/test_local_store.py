@@ -6,12 +6,13 @@ import multiprocessing
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import nbd
 import pytest
 
-from activities.blockstorage.local import LocalBlockStore, open_local_store
+from activities.blockstorage.local import NBD_STOP_TIMEOUT_S, LocalBlockStore, open_local_store
 from xms.config import load_config
 from xms.errors import InvalidRequest, NotFound, QuotaExceeded, TransientIOError, UnknownVolumeType
 from xms.models import GiB, MiB
@@ -301,6 +302,10 @@ def test_encrypted_volume_keeps_plaintext_off_disk(store, tmp_path):
     key = store.data_dir / "keys" / f"{vol.id}.key"
     assert len(bytes.fromhex(key.read_text())) == 32
     assert mode(key) == 0o600 and mode(key.parent) == 0o700 and mode(vol.path) == 0o600
+    started = time.monotonic()
+    with store.open_target(vol.id, writable=False) as ep:
+        assert ep.kind == "nbd" and ep.fresh  # readers do not spoil freshness
+    assert time.monotonic() - started < NBD_STOP_TIMEOUT_S  # qemu-nbd stopped by SIGTERM, not SIGKILL
     with store.open_target(vol.id) as ep:
         assert ep.kind == "nbd" and ep.fresh and ep.size == GiB
         sock = ep.uri.split("socket=", 1)[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import sys
 import time
 from functools import wraps
@@ -117,6 +118,12 @@ async def worker(temporal, metrics):
 @click.option("--volume-type", required=True)
 @click.option("--az", default=None, help="Availability zone (must be one the volume type serves)")
 @click.option("--mode", type=click.Choice(["cold", "warm"]), default="cold", show_default=True)
+@click.option("--sync-interval", default="15m", show_default=True, metavar="DURATION",
+              help="Warm: time between incremental syncs (e.g. 30s, 15m, 2h)")
+@click.option("--cutover-at", default=None, metavar="ISO8601", help="Warm: cut over by itself at this time")
+@click.option("--bitmap", default=None, help="Warm, NBD sources: the dirty bitmap the server exports")
+@click.option("--power-off-cmd", default=None, metavar="CMD",
+              help="Warm: command run on the worker's host at cutover to power the source off")
 @click.option("--no-snapshot", is_flag=True, help="Skip the post-migration snapshot")
 @click.option("--keep-on-failure", is_flag=True, help="Keep created volumes if the migration fails")
 @click.option("--heartbeat-timeout", default=30, show_default=True, help="Seconds before a silent copy is retried")
@@ -124,14 +131,16 @@ async def worker(temporal, metrics):
 @temporal_opt
 @json_opt
 @command
-async def migrate(name, disks, project, volume_type, az, mode, no_snapshot, keep_on_failure,
-                  heartbeat_timeout, wait, temporal, as_json):
+async def migrate(name, disks, project, volume_type, az, mode, sync_interval, cutover_at, bitmap, power_off_cmd,
+                  no_snapshot, keep_on_failure, heartbeat_timeout, wait, temporal, as_json):
     """Start migration NAME (its Temporal workflow id). Refused at once if invalid or over quota."""
     s = settings_from(temporal)
     srcs = [d if "://" in d else str(Path(d).expanduser().resolve()) for d in disks]
     req = xc.build_request(name=name, disks=srcs, project=project, volume_type=volume_type,
                            availability_zone=az, mode=mode, snapshot=not no_snapshot,
-                           keep_on_failure=keep_on_failure, heartbeat_timeout_s=heartbeat_timeout)
+                           keep_on_failure=keep_on_failure, heartbeat_timeout_s=heartbeat_timeout,
+                           sync_interval_s=parse_duration(sync_interval), cutover_at=cutover_at, bitmap=bitmap,
+                           power_off_command=shlex.split(power_off_cmd) if power_off_cmd else None)
     c = await xc.connect(s)
     adm = await xc.submit(c, s, req)
     if not wait:
@@ -147,6 +156,45 @@ async def migrate(name, disks, project, volume_type, az, mode, no_snapshot, keep
         emit_json(v.model_dump(mode="json"))
     if v.phase != Phase.COMPLETED:
         fail(f"migration {name} {v.phase.value}: {v.reason}")
+
+
+def parse_duration(text: str) -> int:
+    """'90', '30s', '15m', '2h', '1d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "s")
+    if not num.isdigit() or int(num) <= 0:
+        raise XmsError(f"--sync-interval {text!r}: expected a positive duration such as 30s, 15m, 2h")
+    return int(num) * units[unit]
+
+
+@cli.command("sync-now")
+@click.argument("name")
+@temporal_opt
+@command
+async def sync_now(name, temporal):
+    """Start an incremental sync of a Ready warm migration at once."""
+    s = settings_from(temporal)
+    await xc.sync_now(await xc.connect(s), name)
+    out.print(f"sync of {name} requested; `xms status {name}` shows it")
+
+
+@cli.command()
+@click.argument("name")
+@temporal_opt
+@json_opt
+@command
+async def cutover(name, temporal, as_json):
+    """Cut a warm migration over (final delta, power-off, conversion, finalize, snapshot) and wait.
+    Refused unless it is Ready with at least one incremental sync done; joins one in progress."""
+    s = settings_from(temporal)
+    r = await xc.cutover(await xc.connect(s), name)
+    if as_json:
+        emit_json(r.model_dump(mode="json"))
+    else:
+        out.print(f"cutover of {name}: {r.phase.value}" + (f" ({r.reason})" if r.reason else ""))
+    if r.phase != Phase.COMPLETED:
+        sys.exit(1)
 
 
 async def watch(c, name: str, quiet: bool = False, interval: float = 1.0) -> xc.MigrationView:
@@ -207,6 +255,19 @@ def render_status(v: xc.MigrationView) -> None:
               f"mode {v.mode}  project {v.project}  type {v.volume_type}  az {v.availability_zone or '-'}")
     if v.reason:
         out.print(f"reason: {v.reason}", markup=False)
+    if v.mode == "warm":
+        ls = v.last_sync
+        parts = [f"syncs {v.syncs_done} done, {v.syncs_failed} failed"]
+        if ls:
+            parts.append(f"last: generation {ls.generation} at {ls.started_at:%H:%M:%S}, {ls.duration_s:.1f}s, "
+                         f"{_size(ls.bytes_read)} read" + ("" if ls.ok else f", FAILED: {ls.error}"))
+        if v.lag_s is not None:
+            parts.append(f"lag {v.lag_s:.0f}s")
+        if v.next_sync_at:
+            parts.append(f"next sync {v.next_sync_at}")
+        if v.cutover:
+            parts.append(f"cutover requested {v.cutover.requested_at:%H:%M:%S} by {v.cutover.requested_by}")
+        out.print("  ".join(parts), markup=False)
     t = Table(box=None)
     for col in ("disk", "source", "volume", "size", "copied / data", "throughput", "ETA", "resumed from", "checksum"):
         t.add_column(col)

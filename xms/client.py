@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
 from temporalio.api.enums.v1 import PendingActivityState
@@ -21,7 +21,19 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from workflows.migration import MigrationWorkflow
 from xms.errors import DuplicateMigration, InvalidRequest, NotFound, XmsError
-from xms.models import Admission, CopyProgress, MigrationRequest, MigrationState, Model, Phase
+from xms.models import (
+    Admission,
+    CopyProgress,
+    CutoverRequest,
+    CutoverResult,
+    CutoverInfo,
+    MigrationInput,
+    MigrationRequest,
+    MigrationState,
+    Model,
+    Phase,
+    SyncRecord,
+)
 from xms.settings import Settings
 
 
@@ -45,7 +57,10 @@ class DiskView(Model):
     eta_s: float | None = None
     resumed_from: int = 0
     attempt: int = 0
-    copy_state: str = "pending"  # pending | copying | retrying | done
+    copy_state: str = "pending"  # pending | copying | verifying | retrying | done
+    generation: int = 0
+    synced_bytes: int = 0  # read by incremental syncs so far
+    last_sync_bytes: int | None = None
     source_sha256: str | None = None
     target_sha256: str | None = None
     match: bool | None = None
@@ -67,6 +82,16 @@ class MigrationView(Model):
     started_at: str | None = None
     finished_at: str | None = None
     history: list[tuple[str, str, str]] = []
+    # warm
+    syncs_done: int = 0
+    syncs_failed: int = 0
+    last_sync: SyncRecord | None = None
+    lag_s: float | None = None  # now − the last sync's point in time
+    next_sync_at: str | None = None
+    cutover: CutoverInfo | None = None
+    last_failed_cutover: CutoverInfo | None = None
+    runs: int = 1
+    volume_count: int = 0
 
 
 async def connect(settings: Settings) -> Client:
@@ -94,7 +119,7 @@ def build_request(**fields) -> MigrationRequest:
 async def submit(client: Client, settings: Settings, req: MigrationRequest) -> Admission:
     """Start the migration and wait for admission (quota reserved) or refusal, in one call."""
     op = WithStartWorkflowOperation(
-        MigrationWorkflow.run, req, id=req.name, task_queue=settings.task_queue,
+        MigrationWorkflow.run, MigrationInput(request=req), id=req.name, task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
         # a name is free again once its last run failed, was cancelled or terminated
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
@@ -147,7 +172,8 @@ async def view(client: Client, name: str) -> MigrationView:
             continue
         details = await client.data_converter.decode(pa.heartbeat_details.payloads)
         p = CopyProgress.model_validate(details[0])
-        st = "retrying" if pa.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED and pa.attempt > 1 else "copying"
+        st = "retrying" if pa.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED and pa.attempt > 1 else (
+            "verifying" if p.stage == "verify" else "copying")
         live[p.disk_index] = (p, st)
     for d in state.disks:
         v = DiskView(index=d.index, source=d.source, volume_id=d.volume_id, snapshot_id=d.snapshot_id)
@@ -163,6 +189,13 @@ async def view(client: Client, name: str) -> MigrationView:
             v.eta_s, v.resumed_from, v.attempt = p.eta_s, p.resumed_from, p.attempt
             if p.updated_at and time.time() - p.updated_at > 60:
                 v.copy_state = "stalled"
+        v.synced_bytes = d.synced_bytes
+        if d.last_sync:
+            v.last_sync_bytes, v.generation = d.last_sync.bytes_read, d.last_sync.generation
+        if d.index in live and d.copy_result:  # an incremental sync in flight
+            p, v.copy_state = live[d.index]
+            v.bytes_copied, v.data_bytes_total, v.throughput, v.eta_s = p.bytes_copied, p.data_bytes_total, p.throughput, p.eta_s
+            v.generation = p.generation
         if d.checksums:
             v.source_sha256, v.target_sha256, v.match = d.checksums.source, d.checksums.target, d.checksums.match
         disks.append(v)
@@ -173,6 +206,12 @@ async def view(client: Client, name: str) -> MigrationView:
         started_at=state.started_at.isoformat() if state.started_at else None,
         finished_at=state.finished_at.isoformat() if state.finished_at else None,
         history=[(p, s, t.isoformat()) for p, s, t in state.history],
+        syncs_done=state.syncs_done, syncs_failed=state.syncs_failed, last_sync=state.last_sync,
+        lag_s=(datetime.now(timezone.utc) - state.last_sync.frozen_at).total_seconds()
+        if state.last_sync and state.last_sync.frozen_at and not state.phase.terminal else None,
+        next_sync_at=state.next_sync_at.isoformat() if state.next_sync_at else None,
+        cutover=state.cutover, last_failed_cutover=state.last_failed_cutover, runs=state.runs,
+        volume_count=state.volume_count,
     )
 
 
@@ -192,6 +231,28 @@ def _phase_key():
     from workflows.migration import PHASE_ATTR
 
     return PHASE_ATTR
+
+
+async def sync_now(client: Client, name: str) -> None:
+    st = await view(client, name)
+    if st.mode != "warm" or st.phase not in (Phase.READY, Phase.SYNCING):
+        raise InvalidRequest(f"sync-now refused: migration {name} is {st.mode}, {st.phase.value}; "
+                             "allowed for warm migrations that are Ready")
+    await client.get_workflow_handle(name).signal(MigrationWorkflow.sync_now)
+
+
+async def cutover(client: Client, name: str) -> CutoverResult:
+    """Request the cutover (or join the one in progress) and wait for its end."""
+    handle = client.get_workflow_handle(name)
+    try:
+        return await handle.execute_update(MigrationWorkflow.cutover, CutoverRequest(),
+                                           rpc_timeout=timedelta(hours=24))
+    except WorkflowUpdateFailedError as e:
+        raise InvalidRequest(failure_line(e)) from None
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            raise NotFound(f"no running migration named {name!r}") from None
+        raise XmsError(f"cutover of {name}: {e.message}") from None
 
 
 async def is_running(client: Client, name: str) -> bool:

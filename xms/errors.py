@@ -46,6 +46,10 @@ class SourceUnreadable(XmsError):
     type = "SourceUnreadable"
 
 
+class SourceCannotTrack(XmsError):
+    type = "SourceCannotTrack"
+
+
 class DuplicateMigration(XmsError):
     type = "DuplicateMigration"
 
@@ -64,5 +68,5 @@ class TransientIOError(XmsError):
 NON_RETRYABLE_TYPES = [
     cls.type
     for cls in (InvalidRequest, ConfigInvalid, UnknownVolumeType, InvalidAvailabilityZone,
-                QuotaExceeded, SourceUnreadable, DuplicateMigration, NotFound)
+                QuotaExceeded, SourceUnreadable, SourceCannotTrack, DuplicateMigration, NotFound)
 ]

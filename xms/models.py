@@ -135,6 +135,12 @@ class MigrationRequest(Model):
     mode: Literal["cold", "warm"] = "cold"
     snapshot: bool = True
     keep_on_failure: bool = False
+    # warm mode
+    sync_interval_s: int = Field(900, ge=1, le=7 * 86400)
+    cutover_at: datetime | None = None
+    bitmap: str | None = None  # dirty bitmap exported by NBD sources that manage their own
+    power_off_command: list[str] | None = None  # PowerOffSource hook, run on the worker's host
+    syncs_per_run: int = Field(200, ge=1, le=2000)  # continue-as-new after this many syncs
     # activity knobs, kept small so tests and operators can tune them
     heartbeat_timeout_s: int = Field(30, ge=2, le=3600)
 
@@ -157,15 +163,19 @@ class MigrationRequest(Model):
 
     @model_validator(mode="after")
     def _mode(self) -> "MigrationRequest":
-        if self.mode == "warm":
-            raise ValueError("mode 'warm' is not available in this version; allowed: cold")
+        if self.mode == "cold" and (self.cutover_at or self.bitmap):
+            raise ValueError("--cutover-at and --bitmap apply to --mode warm only")
+        if self.cutover_at is not None and self.cutover_at.tzinfo is None:
+            raise ValueError("cutover_at needs a time zone, e.g. 2026-11-26T02:00:00Z")
+        if self.bitmap is not None and not NAME_RE.match(self.bitmap.lower()):
+            raise ValueError(f"bitmap name {self.bitmap!r} is not valid ({NAME_RULE})")
         return self
 
 
 class DiskPlan(Model):
     index: int
     source: str
-    source_kind: Literal["nbd", "image"]
+    source_kind: Literal["nbd", "image", "qmp"]
     source_format: str = "raw"  # for images: raw | qcow2
     virtual_size: int
     volume_size_gib: int
@@ -186,6 +196,9 @@ class CopyProgress(Model):
     """Heartbeat details of a copy: small, so that it can be sent often."""
 
     disk_index: int
+    generation: int = 0  # 0 = full sync; resume only within the same generation
+    stage: Literal["copy", "verify"] = "copy"
+    verified: int = 0  # bytes of the target checksummed so far
     offset: int = 0  # everything below this offset is on the target: resume here
     bytes_total: int = 0  # virtual size of the disk
     data_bytes_total: int = 0  # allocated bytes to transfer (from base:allocation)
@@ -202,7 +215,10 @@ class CopyInput(Model):
     disk: DiskPlan
     volume_id: str
     qos: QoS = QoS()
-    fresh: bool = True  # the volume was created empty for this copy: zero extents need no write
+    generation: int = 0  # 0 = full copy (and, warm, start tracking); g >= 1 = changes of sync g
+    track: bool = False  # warm: freeze through the source's change tracker
+    bitmap: str | None = None
+    verify: bool = False  # checksum source (as frozen) and target after the copy
 
 
 class CopyResult(Model):
@@ -214,12 +230,13 @@ class CopyResult(Model):
     resumed_from: int
     duration_s: float
     throughput: float
-
-
-class VerifyInput(Model):
-    migration: str
-    disk: DiskPlan
-    volume_id: str
+    generation: int = 0
+    zero_bytes_written: int = 0
+    changed_bytes: int = 0  # dirty bytes of this generation (incremental syncs)
+    extents: int = 0
+    frozen_at: datetime | None = None  # the point in time this copy reproduces
+    skipped: bool = False  # generation already committed by an earlier attempt
+    checksums: "Checksums | None" = None
 
 
 class Checksums(Model):
@@ -239,9 +256,39 @@ class DiskState(Model):
     source: str
     plan: DiskPlan | None = None
     volume_id: str | None = None
-    copy_result: CopyResult | None = None
+    copy_result: CopyResult | None = None  # the full copy
+    last_sync: CopyResult | None = None  # the latest incremental sync (or final delta)
+    synced_bytes: int = 0  # bytes read by all incremental syncs
     checksums: Checksums | None = None
     snapshot_id: str | None = None
+
+
+class SyncRecord(Model):
+    generation: int
+    started_at: datetime
+    finished_at: datetime
+    frozen_at: datetime | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
+    zero_bytes_written: int = 0
+    changed_bytes: int = 0
+    ok: bool = True
+    error: str | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+class CutoverInfo(Model):
+    requested_at: datetime
+    requested_by: str = "update"  # update | schedule
+    attempt: int = 1
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    power_off: str | None = None  # what PowerOffSource did
+    conversion: str | None = None  # what GuestConversion did
+    error: str | None = None
 
 
 class MigrationState(Model):
@@ -259,7 +306,43 @@ class MigrationState(Model):
     admitted: bool | None = None  # None: not decided yet
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    history: list[tuple[str, str, datetime]] = []  # (phase, step, at)
+    history: list[tuple[str, str, datetime]] = []  # (phase, step, at), bounded
+    # warm
+    generation: int = 0  # the next sync's generation
+    syncs_done: int = 0  # incremental syncs completed
+    syncs_failed: int = 0
+    consecutive_failures: int = 0
+    recent_syncs: list[SyncRecord] = []  # the last few, newest last
+    next_sync_at: datetime | None = None
+    sync_now: bool = False
+    cutover: CutoverInfo | None = None
+    cutover_attempts: int = 0
+    last_failed_cutover: CutoverInfo | None = None
+    runs: int = 1  # runs of this workflow id so far (continue-as-new)
+    volume_count: int = 0  # volumes made at admission; constant for the migration's life
+
+    @property
+    def last_sync(self) -> SyncRecord | None:
+        return self.recent_syncs[-1] if self.recent_syncs else None
+
+
+class MigrationInput(Model):
+    """Workflow input: the request, and the state carried over by continue-as-new."""
+
+    request: MigrationRequest
+    state: MigrationState | None = None
+
+
+class CutoverRequest(Model):
+    reason: str = ""
+
+
+class CutoverResult(Model):
+    phase: Phase
+    reason: str | None = None
+    requested_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempt: int = 1
 
 
 class Admission(Model):
@@ -277,6 +360,13 @@ class CleanupInput(Model):
     reservation_id: str | None = None
     delete_volumes: bool = True
     volume_ids: list[str] = []
+
+
+class TrackerInput(Model):
+    migration: str
+    disk: DiskPlan
+    bitmap: str | None = None
+    command: list[str] | None = None
 
 
 class FinalizeInput(Model):
@@ -314,3 +404,6 @@ class MigrationResult(Model):
     disks: list[DiskState]
     instance_id: str | None = None
     reason: str | None = None
+
+
+CopyResult.model_rebuild()

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -58,6 +57,7 @@ CREATE TABLE IF NOT EXISTS quota_limits (
 """
 
 NBD_START_TIMEOUT_S = 15.0
+NBD_STOP_TIMEOUT_S = 20.0  # then SIGKILL; a clean stop lets qemu-nbd flush the qcow2 metadata
 
 
 def _now() -> str:
@@ -401,7 +401,7 @@ class LocalBlockStore:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
                 try:
                     deadline = time.monotonic() + NBD_START_TIMEOUT_S
-                    while not self._listening(sock):
+                    while not self._serving(f"nbd+unix:///?socket={sock}"):
                         if proc.poll() is not None or time.monotonic() > deadline:
                             log.seek(0)
                             detail = (log.read().strip().splitlines() or ["no output"])[-1]
@@ -411,7 +411,7 @@ class LocalBlockStore:
                 finally:
                     proc.terminate()
                     try:
-                        proc.wait(timeout=30)
+                        proc.wait(timeout=NBD_STOP_TIMEOUT_S)
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
@@ -419,15 +419,19 @@ class LocalBlockStore:
             shutil.rmtree(sock_dir, ignore_errors=True)
 
     @staticmethod
-    def _listening(path: str) -> bool:
-        if not os.path.exists(path):
+    def _serving(uri: str) -> bool:
+        """True once qemu-nbd completes an NBD handshake. The socket exists (and even accepts)
+        before the image is open and before qemu-nbd handles SIGTERM, so existence is not enough."""
+        return os.path.exists(uri.split("=", 1)[1])
+        import nbd  # Debian's libnbd bindings; only encrypted volumes need them
+
+        h = nbd.NBD()
+        try:
+            h.connect_uri(uri)
+        except nbd.Error:
             return False
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(path)
-                return True
-            except OSError:
-                return False
+        h.shutdown()
+        return True
 
     # ------------------------------------------------------------------ snapshots and instances
 

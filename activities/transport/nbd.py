@@ -20,6 +20,8 @@ import nbd
 from xms.errors import InvalidRequest, SourceUnreadable, TransientIOError
 
 NBD_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
+SOURCE_FORMS = ("nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, qmp+unix:///PATH?node=NODE (live, warm), "
+                "or a local qcow2/raw image path")
 BLOCK_STATUS_WINDOW = 1 << 30  # servers may refuse >= 4 GiB; qemu caps at 1 GiB anyway
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -40,7 +42,7 @@ class Extent:
 
 @dataclass(frozen=True, slots=True)
 class SourceInfo:
-    kind: Literal["nbd", "image"]
+    kind: Literal["nbd", "image", "qmp"]
     location: str  # the URI, or the absolute image path
     format: str  # raw | qcow2 (for nbd: "raw", what the export presents)
     virtual_size: int
@@ -50,10 +52,7 @@ def source_kind(source: str) -> Literal["nbd", "image"]:
     if source.startswith(NBD_SCHEMES):
         return "nbd"
     if "://" in source:
-        raise InvalidRequest(
-            f"unsupported disk source {source!r}; allowed: nbd://HOST[:PORT]/EXPORT, "
-            "nbd+unix:///EXPORT?socket=PATH, or a local qcow2/raw image path"
-        )
+        raise InvalidRequest(f"unsupported disk source {source!r}; allowed: {SOURCE_FORMS}")
     return "image"
 
 
@@ -87,10 +86,12 @@ def connect(
     *,
     meta_contexts: tuple[str, ...] = ("base:allocation",),
     writable: bool = False,
+    bitmap: str | None = None,
 ) -> nbd.NBD:
-    """A connected libnbd handle. Connection failures become SourceUnreadable (one line)."""
+    """A connected libnbd handle. Connection failures become SourceUnreadable (one line).
+    With ``bitmap``, the export also offers ``qemu:dirty-bitmap:<bitmap>``."""
     h = nbd.NBD()
-    for ctx in meta_contexts:
+    for ctx in (*meta_contexts, *([dirty_context(bitmap)] if bitmap else [])):
         h.add_meta_context(ctx)
     try:
         if kind == "nbd":
@@ -99,6 +100,8 @@ def connect(
             argv = ["qemu-nbd", "-f", fmt]
             if not writable:
                 argv.append("-r")
+            if bitmap:
+                argv += ["-B", bitmap]
             h.connect_systemd_socket_activation([*argv, "--", location])
     except nbd.Error as e:
         raise SourceUnreadable(f"cannot open {location}: {e.string or e}") from None
@@ -125,6 +128,64 @@ def close(h: nbd.NBD) -> None:
         h.shutdown()
     except nbd.Error:
         pass
+
+
+def dirty_context(bitmap: str) -> str:
+    return f"qemu:dirty-bitmap:{bitmap}"
+
+
+def _status(h: nbd.NBD, offset: int, length: int) -> dict[str, list[tuple[int, int]]]:
+    got: dict[str, list[tuple[int, int]]] = {}
+
+    def cb(ctx: str, off: int, entries: list[int], err: object) -> int:
+        got.setdefault(ctx, []).extend(zip(entries[0::2], entries[1::2]))
+        return 0
+
+    try:
+        h.block_status(length, offset, cb)
+    except nbd.Error as e:
+        raise TransientIOError(f"block status at {offset}: {e.string or e}") from None
+    return got
+
+
+def dirty_extents(h: nbd.NBD, bitmap: str, end: int) -> Iterator[Extent]:
+    """The regions dirty in ``bitmap``, each marked zero where base:allocation says it reads as
+    zeroes (so it is written as zeroes, not read). Clean regions are left out."""
+    ctx = dirty_context(bitmap)
+    if not h.can_meta_context(ctx):
+        raise SourceUnreadable(f"the source does not export dirty bitmap {bitmap!r}")
+    offset = 0
+    pending: Extent | None = None
+    while offset < end:
+        got = _status(h, offset, min(BLOCK_STATUS_WINDOW, end - offset))
+        dirty, alloc = got.get(ctx), got.get("base:allocation")
+        if not dirty or not alloc:
+            raise TransientIOError(f"block status at {offset}: server returned no extents")
+        # walk both lists at once: every boundary of either starts a new piece
+        di = ai = 0
+        d_end, a_end = offset + dirty[0][0], offset + alloc[0][0]
+        pos = offset
+        stop = min(end, offset + sum(n for n, _ in dirty), offset + sum(n for n, _ in alloc))
+        while pos < stop:
+            nxt = min(d_end, a_end, stop)
+            if dirty[di][1] & 1:
+                e = Extent(pos, nxt - pos, bool(alloc[ai][1] & STATE_ZERO))
+                if pending and pending.end == e.start and pending.zero == e.zero:
+                    pending = Extent(pending.start, pending.length + e.length, e.zero)
+                else:
+                    if pending:
+                        yield pending
+                    pending = e
+            pos = nxt
+            if pos == d_end and di + 1 < len(dirty):
+                di += 1
+                d_end += dirty[di][0]
+            if pos == a_end and ai + 1 < len(alloc):
+                ai += 1
+                a_end += alloc[ai][0]
+        offset = stop
+    if pending:
+        yield pending
 
 
 def extents(h: nbd.NBD, start: int, end: int) -> Iterator[Extent]:

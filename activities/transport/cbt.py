@@ -1,0 +1,171 @@
+"""Changed-block tracking at the source: persistent qemu dirty bitmaps, frozen once per sync.
+
+Generations: the full sync is generation 0 and starts tracking into bitmap ``xms-1``. Sync ``g``
+(g >= 1) adds ``xms-<g+1>``, disables ``xms-<g>`` and reads the regions dirty in ``xms-<g>``
+as of that moment. Only after the copy succeeded is ``xms-<g>`` removed. A retried attempt of
+the same generation re-reads the same frozen bitmap; if the generation was given up, the next
+one merges its bitmap first, so no change is ever lost.
+
+Trackers are synchronous (they run in activity threads) and never import Temporal.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from activities.transport import nbd as transport
+from xms.errors import SourceUnreadable, TransientIOError
+
+PREFIX = "xms-"
+
+
+def bitmap_name(generation: int) -> str:
+    return f"{PREFIX}{generation}"
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenView:
+    """What one sync reads: an NBD endpoint frozen at the sync's point in time."""
+
+    location: str
+    kind: Literal["nbd", "image"]
+    fmt: str
+    bitmap: str | None  # the dirty bitmap to read; None = full sync (read every allocated extent)
+    generation: int
+
+    def connect(self):
+        return transport.connect(self.location, self.kind, self.fmt, bitmap=self.bitmap)
+
+
+class ChangeTracker(Protocol):
+    def freeze(self, generation: int) -> "contextmanager[FrozenView | None]":
+        """Freeze sync ``generation``'s point in time (0 = the full sync, which starts tracking).
+        Yields None if that generation was already committed (a retry after success). Normal
+        exit commits (removes the generation's bitmap); an exception keeps it for a retry."""
+        ...
+
+    def stop(self) -> None:
+        """Remove every bitmap and node xms made on the source. Idempotent."""
+        ...
+
+
+# --------------------------------------------------------------------------- no tracking (cold)
+
+
+class Untracked:
+    """A cold source: read as it is, once."""
+
+    def __init__(self, location: str, kind: Literal["nbd", "image"], fmt: str):
+        self.location, self.kind, self.fmt = location, kind, fmt
+
+    @contextmanager
+    def freeze(self, generation: int) -> Iterator[FrozenView | None]:
+        yield FrozenView(self.location, self.kind, self.fmt, None, generation)
+
+    def stop(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- quiesced qcow2
+
+
+class QuiescedImage:
+    """A qcow2 image that nothing writes while a sync runs. Bitmaps are persistent in the image
+    and managed with qemu-img; xms holds no lock between syncs, so the owner can write then."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _img(self, *args: str) -> str:
+        r = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = (r.stderr.strip().splitlines() or ["qemu-img failed"])[-1]
+            if "lock" in msg:
+                raise TransientIOError(f"{self.path} is in use by a writer ({msg}); a quiesced source must be idle during a sync")
+            raise SourceUnreadable(f"{self.path}: {msg}")
+        return r.stdout
+
+    def bitmaps(self) -> dict[str, bool]:
+        """name -> enabled, for xms's bitmaps."""
+        info = json.loads(self._img("info", "--output=json", "-U", self.path))
+        found = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        return {b["name"]: "auto" in b.get("flags", []) for b in found if b["name"].startswith(PREFIX)}
+
+    def _bitmap(self, op: str, name: str, *extra: str) -> None:
+        self._img("bitmap", op, *extra, self.path, name)
+
+    @contextmanager
+    def freeze(self, generation: int) -> Iterator[FrozenView | None]:
+        have = self.bitmaps()
+        cur, nxt = bitmap_name(generation), bitmap_name(generation + 1)
+        if generation == 0:
+            if nxt not in have:
+                self._bitmap("--add", nxt, "-g", "64K")
+            yield FrozenView(self.path, "image", "qcow2", None, 0)
+            return
+        if cur not in have:
+            if nxt in have:
+                yield None  # committed by an earlier attempt
+                return
+            raise SourceUnreadable(
+                f"{self.path}: dirty bitmap {cur} is missing (change tracking was reset); a full sync is needed"
+            )
+        if nxt not in have:  # first attempt of this generation: fold in abandoned generations, rotate
+            for old in sorted((b for b in have if _gen(b) < generation), key=_gen):
+                self._img("bitmap", "--merge", old, self.path, cur)
+                self._bitmap("--remove", old)
+            self._bitmap("--add", nxt, "-g", "64K")
+            self._bitmap("--disable", cur)
+        yield FrozenView(self.path, "image", "qcow2", cur, generation)
+        self._bitmap("--remove", cur)
+
+    def stop(self) -> None:
+        for name in self.bitmaps():
+            self._bitmap("--remove", name)
+
+
+def _gen(name: str) -> int:
+    return int(name.removeprefix(PREFIX))
+
+
+# --------------------------------------------------------------------------- NBD with a bitmap
+
+
+class ExportedBitmap:
+    """An NBD export whose server offers a dirty bitmap that someone else manages (--bitmap NAME).
+    xms cannot rotate it, so every sync reads all changes since the bitmap began."""
+
+    def __init__(self, uri: str, bitmap: str):
+        self.uri, self.bitmap = uri, bitmap
+
+    @contextmanager
+    def freeze(self, generation: int) -> Iterator[FrozenView | None]:
+        yield FrozenView(self.uri, "nbd", "raw", None if generation == 0 else self.bitmap, generation)
+
+    def stop(self) -> None:
+        pass
+
+
+def can_track(source: str, kind: str, fmt: str, bitmap: str | None) -> str | None:
+    """None if ``source`` can be a warm source; otherwise the reason it cannot."""
+    if source.startswith("qmp"):
+        return None
+    if kind == "image":
+        return None if fmt == "qcow2" else (
+            f"{source} is a {fmt} image, which cannot hold dirty bitmaps; warm needs a qcow2 image, a live "
+            "disk (qmp+unix://…) or an NBD export with --bitmap; use --mode cold")
+    if not bitmap:
+        return (f"{source} is an NBD export without a dirty bitmap; pass --bitmap NAME if its server exports one, "
+                "or use --mode cold")
+    h = transport.connect(source, "nbd", bitmap=bitmap)
+    try:
+        if not h.can_meta_context(transport.dirty_context(bitmap)):
+            return f"{source} does not export dirty bitmap {bitmap!r}; use --mode cold"
+    finally:
+        transport.close(h)
+    return None

@@ -101,7 +101,9 @@ class LiveDisk:
                     raise SourceUnreadable(f"no QEMU answers on QMP socket {self.socket}: {cause}") from None
                 raise TransientIOError(f"cannot connect to QMP socket {self.socket}: {cause or 'timed out'}") from None
             try:
-                return await fn(c)
+                return await asyncio.wait_for(fn(c), 10 * WAIT)
+            except asyncio.TimeoutError:
+                raise TransientIOError(f"QEMU at {self.socket} did not answer within {10 * WAIT:.0f}s") from None
             except ExecuteError as e:
                 cmd, desc = e.sent.get("execute", "?"), str(e)
                 if e.error_class == "DeviceNotFound" or f"'{self.node}' not found" in desc:
@@ -192,7 +194,9 @@ class LiveDisk:
             await self._drop(c, other)  # abandoned generations would keep their bitmaps busy
         if not (self._job(g) in jobs and self._fleece(g) in nodes):  # else: reuse a crashed attempt's freeze
             await self._drop(c, g)
-            if g == 0:
+            if g == 0:  # a full sync restarts tracking: older bitmaps are moot
+                for stale in set(have) - {nxt}:
+                    await c.execute("block-dirty-bitmap-remove", {"node": node, "name": stale})
                 actions = [("block-dirty-bitmap-clear", {"node": node, "name": nxt})] if nxt in have else [
                     ("block-dirty-bitmap-add", {"node": node, "name": nxt, "granularity": GRANULARITY,
                                                 "persistent": info["drv"] == "qcow2"})]

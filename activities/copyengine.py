@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import nbd
 
 from activities.transport.nbd import Extent
+from activities.transport.nbd import close as transport_close
 from xms.errors import TransientIOError
 from xms.models import MiB, TargetEndpoint
 
@@ -81,10 +82,7 @@ class NbdWriter:
             self.h.flush()
 
     def close(self) -> None:
-        try:
-            self.h.shutdown()
-        except nbd.Error:
-            pass
+        transport_close(self.h)
 
 
 Writer = FileWriter | NbdWriter

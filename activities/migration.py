@@ -115,11 +115,10 @@ class MigrationActivities:
         )
 
     def _probe(self, source: str) -> transport.SourceInfo:
-        if source.startswith("qmp+unix://"):
-            from activities.transport.live import LiveDisk, parse_qmp_uri
+        if source.startswith("qmp"):
+            from activities.transport.live import live_disk
 
-            sock, node = parse_qmp_uri(source)
-            return transport.SourceInfo("qmp", source, "raw", LiveDisk(sock, node, self.settings.run_dir).size())
+            return transport.SourceInfo("qmp", source, "raw", live_disk(source, self.settings.run_dir).size())
         return transport.probe(source)
 
     @activity.defn(name="reserve")
@@ -273,10 +272,9 @@ class MigrationActivities:
                                        non_retryable=True)
             return f"hook {inp.command[0]} ran"
         if inp.disk.source_kind == "qmp":
-            from activities.transport.live import LiveDisk, parse_qmp_uri
+            from activities.transport.live import live_disk
 
-            sock, node = parse_qmp_uri(inp.disk.source)
-            return LiveDisk(sock, node, self.settings.run_dir).pause()
+            return live_disk(inp.disk.source, self.settings.run_dir).pause()
         return "nothing to do for an image or NBD source"
 
     # ------------------------------------------------------------------ finish and clean up
@@ -330,10 +328,9 @@ def tracker_for(inp: CopyInput, settings: Settings) -> cbt.ChangeTracker:
     if not inp.track:
         return cbt.Untracked(d.source, d.source_kind, d.source_format)
     if d.source_kind == "qmp":
-        from activities.transport.live import LiveDisk, parse_qmp_uri
+        from activities.transport.live import live_disk
 
-        sock, node = parse_qmp_uri(d.source)
-        return LiveDisk(sock, node, settings.run_dir)
+        return live_disk(d.source, settings.run_dir)
     if d.source_kind == "image":
         return cbt.QuiescedImage(d.source)
     return cbt.ExportedBitmap(d.source, inp.bitmap or "")

@@ -39,7 +39,7 @@ def pytest_unconfigure(config):
     os._exit(_exit_status)
 
 
-def test_config(path: Path) -> Path:
+def write_test_config(path: Path) -> Path:
     """The shipped config plus a write-limited type the resume test can interrupt reliably."""
     cfg = yaml.safe_load((ROOT / "xms/defaults/config.yaml").read_text())
     cfg["volume_types"]["throttled-ssd"] = {
@@ -101,7 +101,7 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
     data = tmp_path_factory.mktemp("xms-data")
-    cfg = test_config(data / "config.yaml")
+    cfg = write_test_config(data / "config.yaml")
     server = DevServer(host="127.0.0.1", port=free_port(), ui_port=free_port(), db_file=data / "temporal.db",
                        log_file=data / "temporal.log").start()
     env = {

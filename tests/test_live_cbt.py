@@ -201,7 +201,8 @@ CLEAN_EXPORTS = {"exports": ["guest"], "jobs": [], "nodes": [], "files": []}
 
 
 def test_parse_qmp_uri():
-    assert parse_qmp_uri("qmp+unix:///run/vm1/qmp.sock?node=disk0") == ("/run/vm1/qmp.sock", "disk0")
+    assert parse_qmp_uri("qmp+unix:///run/vm1/qmp.sock?node=disk0") == ("/run/vm1/qmp.sock", "disk0", None)
+    assert parse_qmp_uri("qmp+unix:///q.sock?node=d&nbd-socket=/n.sock") == ("/q.sock", "d", "/n.sock")
     for bad in ("qmp+unix://host/x.sock?node=d", "qmp+unix:///x.sock", "qmp+unix:///x.sock?node=",
                 "qmp:///x.sock?node=d", "qmp+unix:///x.sock?node=d&node=e", "qmp+unix:///x.sock?node=d&x=1",
                 "qmp+unix:///x.sock?node=#block1", "qmp+unix://x.sock?node=d"):

@@ -133,14 +133,15 @@ class MigrationWorkflow:
         req = inp.request
         if inp.state is None:
             s = self.s = MigrationState(
-                request=req, started_at=workflow.now(),
+                request=req, started_at=workflow.now(), index_phase=inp.index_phase,
                 disks=[DiskState(index=i, source=d) for i, d in enumerate(req.disks)],
             )
             self._enter(Phase.INITIALIZING, "Validate")
         else:  # continued as new: carry on where the last run stopped
             s = self.s = inp.state
             s.runs += 1
-            workflow.upsert_search_attributes([PHASE_ATTR.value_set(s.phase.value)])
+            if s.index_phase:
+                workflow.upsert_search_attributes([PHASE_ATTR.value_set(s.phase.value)])
         try:
             if s.phase == Phase.INITIALIZING:
                 await self._admit()
@@ -404,7 +405,7 @@ class MigrationWorkflow:
 
     def _enter(self, phase: Phase, step: str) -> None:
         s = self.s
-        if s.phase != phase or not s.history:
+        if s.index_phase and (s.phase != phase or not s.history):
             workflow.upsert_search_attributes([PHASE_ATTR.value_set(phase.value)])
         s.phase, s.step = phase, step
         s.history = [*s.history, (phase.value, step, workflow.now())][-HISTORY_KEEP:]

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
 from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -119,7 +120,7 @@ def build_request(**fields) -> MigrationRequest:
 async def submit(client: Client, settings: Settings, req: MigrationRequest) -> Admission:
     """Start the migration and wait for admission (quota reserved) or refusal, in one call."""
     op = WithStartWorkflowOperation(
-        MigrationWorkflow.run, MigrationInput(request=req), id=req.name, task_queue=settings.task_queue,
+        MigrationWorkflow.run, MigrationInput(request=req, index_phase=await phase_indexed(client)), id=req.name, task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
         # a name is free again once its last run failed, was cancelled or terminated
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
@@ -144,6 +145,16 @@ async def submit(client: Client, settings: Settings, req: MigrationRequest) -> A
     if not adm.accepted:
         raise Refused(adm.reason or "refused", adm.reason_type or "Refused")
     return adm
+
+
+async def phase_indexed(client: Client) -> bool:
+    """True if the namespace has the XmsPhase search attribute (the worker registers it at start)."""
+    try:
+        r = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=client.namespace))
+    except RPCError:
+        return False
+    return "XmsPhase" in r.custom_attributes
 
 
 async def wait(client: Client, name: str) -> MigrationView:

@@ -319,6 +319,7 @@ class MigrationState(Model):
     cutover_attempts: int = 0
     last_failed_cutover: CutoverInfo | None = None
     runs: int = 1  # runs of this workflow id so far (continue-as-new)
+    index_phase: bool = False
     volume_count: int = 0  # volumes made at admission; constant for the migration's life
 
     @property
@@ -331,6 +332,7 @@ class MigrationInput(Model):
 
     request: MigrationRequest
     state: MigrationState | None = None
+    index_phase: bool = False  # the namespace has the XmsPhase search attribute: keep it current
 
 
 class CutoverRequest(Model):

@@ -84,7 +84,7 @@ class QuiescedImage:
     def _img(self, *args: str) -> str:
         r = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
         if r.returncode != 0:
-            msg = (r.stderr.strip().splitlines() or ["qemu-img failed"])[-1]
+            msg = " ".join(r.stderr.split()) or "qemu-img failed"
             if "lock" in msg:
                 raise TransientIOError(f"{self.path} is in use by a writer ({msg}); a quiesced source must be idle during a sync")
             raise SourceUnreadable(f"{self.path}: {msg}")

@@ -39,23 +39,39 @@ from urllib.parse import parse_qs, urlsplit
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
-from activities.transport.cbt import PREFIX, FrozenView, _gen, bitmap_name
+from activities.transport.cbt import PREFIX, FrozenView, bitmap_name
 from xms.errors import InvalidRequest, SourceUnreadable, TransientIOError, XmsError
 
 GRANULARITY = 64 * 1024
 WAIT = 30.0  # seconds for QMP connect and for exports/jobs to go away
+NODE_NAME = r"[A-Za-z][A-Za-z0-9_.-]{0,30}"  # what QEMU accepts as a node or device name
 
 
-def parse_qmp_uri(uri: str) -> tuple[str, str]:
-    """``qmp+unix:///ABS/PATH/qmp.sock?node=NODE`` -> (socket path, node name)."""
-    form = "expected qmp+unix:///ABSOLUTE/PATH/qmp.sock?node=NODE"
+def _gen(bitmap: str) -> int:
+    return int(bitmap.removeprefix(PREFIX))
+
+
+def parse_qmp_uri(uri: str) -> tuple[str, str, str | None]:
+    """``qmp+unix:///ABS/PATH/qmp.sock?node=NODE[&nbd-socket=/ABS/PATH]`` -> (QMP socket, node,
+    the socket of an NBD server the QEMU already runs, if any)."""
+    form = "expected qmp+unix:///ABSOLUTE/PATH/qmp.sock?node=NODE[&nbd-socket=/ABSOLUTE/PATH]"
     u = urlsplit(uri)
     q = parse_qs(u.query, keep_blank_values=True)
     if u.scheme != "qmp+unix" or u.netloc or not u.path.startswith("/") or u.fragment:
         raise InvalidRequest(f"bad live disk source {uri!r}; {form}")
-    if set(q) != {"node"} or len(q["node"]) != 1 or not re.fullmatch(r"[A-Za-z][\w.-]{0,30}", q["node"][0]):
+    if not set(q) <= {"node", "nbd-socket"} or any(len(v) != 1 for v in q.values()):
+        raise InvalidRequest(f"bad live disk source {uri!r}: unknown or repeated parameter; {form}")
+    if "node" not in q or not re.fullmatch(NODE_NAME, q["node"][0]):
         raise InvalidRequest(f"bad live disk source {uri!r}: one node=NAME (a QEMU node or device name) is needed; {form}")
-    return u.path, q["node"][0]
+    nbd_socket = q.get("nbd-socket", [None])[0]
+    if nbd_socket is not None and not nbd_socket.startswith("/"):
+        raise InvalidRequest(f"bad live disk source {uri!r}: nbd-socket must be an absolute path; {form}")
+    return u.path, q["node"][0], nbd_socket
+
+
+def live_disk(uri: str, run_dir: Path) -> "LiveDisk":
+    sock, node, nbd_socket = parse_qmp_uri(uri)
+    return LiveDisk(sock, node, Path(run_dir) / f"qmp-{hashlib.sha1(sock.encode()).hexdigest()[:12]}", nbd_socket)
 
 
 class LiveDisk:
@@ -65,7 +81,7 @@ class LiveDisk:
         self.socket, self.node, self.run_dir = qmp_socket, node, Path(run_dir)
         self.nbd_socket = nbd_socket or str(self.run_dir / "nbd.sock")
         self.own_server = nbd_socket is None
-        self.tag = node if re.fullmatch(r"[A-Za-z][\w.-]{0,11}", node) else "n" + hashlib.sha1(node.encode()).hexdigest()[:8]
+        self.tag = node if re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,11}", node) else "n" + hashlib.sha1(node.encode()).hexdigest()[:8]
 
     # ------------------------------------------------------------------ names
     def _fleece(self, g: int) -> str:
@@ -112,7 +128,10 @@ class LiveDisk:
             except QMPError as e:
                 raise TransientIOError(f"QMP session with {self.socket} failed: {e}") from None
             finally:
-                await c.disconnect()
+                try:
+                    await c.disconnect()
+                except (QMPError, OSError, EOFError):
+                    pass  # the session is over either way (e.g. after "quit")
 
         return asyncio.run(go())
 
@@ -279,5 +298,21 @@ class LiveDisk:
             f.unlink(missing_ok=True)
 
     def power_off(self) -> None:
-        """Ask QEMU to quit (the live source's power-off hook)."""
+        """Ask QEMU to quit."""
         self._run(lambda c: c.execute("quit"))
+
+    def pause(self) -> str:
+        """PowerOffSource for a live VM: stop its vCPUs (QMP ``stop``), so the guest writes nothing
+        after the final delta's freeze while the block layer stays readable. A
+        qemu-storage-daemon has no vCPUs: its writers are outside QEMU, nothing to pause."""
+
+        async def go(c: QMPClient) -> str:
+            try:
+                await c.execute("stop")
+                return f"paused the VM behind {self.socket} (QMP stop)"
+            except ExecuteError as e:
+                if e.error_class == "CommandNotFound":
+                    return f"{self.socket} has no vCPUs to pause (qemu-storage-daemon); nothing to do"
+                raise
+
+        return self._run(go)

@@ -124,10 +124,17 @@ def probe(source: str) -> SourceInfo:
 
 
 def close(h: nbd.NBD) -> None:
+    """Disconnect now, and for a private qemu-nbd wait until it has exited (and released the
+    image's lock): libnbd's close reaps the child. nbd.py only offers that through __del__, so
+    do what it does, once."""
     try:
         h.shutdown()
     except nbd.Error:
         pass
+    o = getattr(h, "_o", None)
+    if o is not None:
+        del h._o
+        nbd.libnbdmod.close(o)
 
 
 def dirty_context(bitmap: str) -> str:

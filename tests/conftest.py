@@ -98,9 +98,9 @@ class Stack:
         return open_local_store(self.settings)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
-    data = tmp_path_factory.mktemp("xms-data")
+def start_stack(data: Path) -> Stack:
+    """A dev server on free ports with its database in ``data``, and a worker process."""
+    data.mkdir(parents=True, exist_ok=True)
     cfg = write_test_config(data / "config.yaml")
     server = DevServer(host="127.0.0.1", port=free_port(), ui_port=free_port(), db_file=data / "temporal.db",
                        log_file=data / "temporal.log").start()
@@ -112,9 +112,15 @@ def stack(tmp_path_factory) -> Stack:
     }
     st = Stack(data_dir=data, env=env, server=server)
     st.start_worker()
+    return st
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    st = start_stack(tmp_path_factory.mktemp("xms-data"))
     yield st
     st.stop_worker()
-    server.stop()
+    st.server.stop()
 
 
 @pytest.fixture

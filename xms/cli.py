@@ -198,7 +198,7 @@ async def cutover(name, temporal, as_json):
 
 
 async def watch(c, name: str, quiet: bool = False, interval: float = 1.0) -> xc.MigrationView:
-    last = None
+    last, shown = None, {}
     while True:
         v = await xc.view(c, name)
         if not quiet:
@@ -206,10 +206,10 @@ async def watch(c, name: str, quiet: bool = False, interval: float = 1.0) -> xc.
             if line != last:
                 out.print(f"[{time.strftime('%H:%M:%S')}] {name}: {line}")
                 last = line
-            if v.phase == Phase.FULL_SYNC:
-                for d in v.disks:
-                    if d.copy_state == "copying":
-                        out.print(f"    disk{d.index}: {_progress(d)}", markup=False)
+            for d in v.disks:
+                if d.copy_state in ("copying", "verifying", "retrying") and shown.get(d.index) != d.bytes_copied:
+                    shown[d.index] = d.bytes_copied
+                    out.print(f"    disk{d.index}: {_progress(d)}", markup=False)
         if v.phase.terminal:
             return v
         await asyncio.sleep(interval)  # polling the status query for display

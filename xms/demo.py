@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import socket
 import subprocess
 import time
@@ -59,12 +61,11 @@ def _reachable(address: str) -> bool:
         return False
 
 
-async def run_demo(settings: Settings, size_gib: int, console: Console) -> None:
+async def run_demo(settings: Settings, size_gib: int, console: Console, modes: tuple[str, ...] = ("cold", "warm")) -> None:
     from workers.server import embedded
 
     demo_dir = settings.data_dir / "demo"
-    console.print(f"building a two-disk sample VM in {demo_dir} …")
-    disks = sample_vm(demo_dir, size_gib)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     started = False
     async with AsyncExitStack() as stack:
         if _reachable(settings.temporal_address):
@@ -74,20 +75,76 @@ async def run_demo(settings: Settings, size_gib: int, console: Console) -> None:
             await stack.enter_async_context(embedded(settings, start_temporal=True))
             started = True
         c = await xc.connect(settings)
-        name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-        req = xc.build_request(name=name, disks=[str(d) for d in disks], project="demo",
-                               volume_type="standard-ssd", mode="cold")
-        adm = await xc.submit(c, settings, req)
-        console.print(f"migration {name} accepted: {adm.footprint_gib} GiB reserved in project demo")
-        from xms.cli import watch
-
-        v = await watch(c, name)
-        show_result(v, settings, console)
-        if v.phase != Phase.COMPLETED:
-            raise SystemExit(1)
+        ok = True
+        if "cold" in modes:
+            ok &= await _cold(c, settings, console, demo_dir, stamp, size_gib)
+        if "warm" in modes:
+            ok &= await _warm(c, settings, console, demo_dir, stamp)
         if started:  # say how to see it again
-            console.print(f"the embedded stack stops now; `xms server` brings the Web UI back with this "
-                          f"migration's history ({settings.data_dir / 'temporal.db'})")
+            console.print(f"the embedded stack stops now; `xms server` brings the Web UI back with these "
+                          f"migrations' history ({settings.data_dir / 'temporal.db'})", soft_wrap=True)
+        if not ok:
+            raise SystemExit(1)
+
+
+async def _cold(c, settings: Settings, console: Console, demo_dir: Path, stamp: str, size_gib: int) -> bool:
+    from xms.cli import watch
+
+    console.print(f"\n[bold]1. cold migration[/bold]: building a two-disk sample VM in {demo_dir} …")
+    disks = sample_vm(demo_dir, size_gib)
+    name = f"demo-cold-{stamp}"
+    req = xc.build_request(name=name, disks=[str(d) for d in disks], project="demo",
+                           volume_type="standard-ssd", mode="cold")
+    adm = await xc.submit(c, settings, req)
+    console.print(f"migration {name} accepted: {adm.footprint_gib} GiB reserved in project demo")
+    v = await watch(c, name)
+    show_result(v, settings, console)
+    return v.phase == Phase.COMPLETED and all(d.match for d in v.disks)
+
+
+async def _until(c, name: str, pred, what: str, timeout: float = 600) -> xc.MigrationView:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = await xc.view(c, name)
+        if pred(v):
+            return v
+        if v.phase.terminal:
+            raise SystemExit(f"{name} ended {v.phase.value} while waiting for {what}: {v.reason}")
+        await asyncio.sleep(0.5)  # polling the status query for display
+    raise SystemExit(f"{name}: timed out waiting for {what}")
+
+
+async def _warm(c, settings: Settings, console: Console, demo_dir: Path, stamp: str) -> bool:
+    console.print("\n[bold]2. warm migration[/bold]: a 512 MiB qcow2 disk tracked with persistent dirty bitmaps")
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    app = make_disk(demo_dir / "app.qcow2", 512 * MiB, [(16 * MiB, 96 * MiB), (300 * MiB, 32 * MiB)],
+                    fmt="qcow2", seed=3)
+    name = f"demo-warm-{stamp}"
+    req = xc.build_request(name=name, disks=[str(app)], project="demo", volume_type="standard-ssd",
+                           mode="warm", sync_interval_s=3600)
+    await xc.submit(c, settings, req)
+    v = await _until(c, name, lambda v: v.phase == Phase.READY, "the full sync")
+    d = v.disks[0]
+    console.print(f"full sync done: {d.bytes_copied / MiB:.0f} MiB copied; phase Ready (next timed sync in 1h)")
+    rng = random.Random(4)
+    for i in (1, 2):
+        cmds = []
+        for _ in range(4):
+            cmds += ["-c", f"write -P {rng.randint(1, 255)} {rng.randrange(0, 480) * MiB} {rng.randint(1, 8) * MiB}"]
+        cmds += ["-c", f"write -z {16 * MiB + i * 8 * MiB} {4 * MiB}"]
+        subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(app)], check=True, capture_output=True)
+        console.print(f"the source changed (4 random writes, one zeroed region); sync-now …")
+        await xc.sync_now(c, name)
+        v = await _until(c, name, lambda v, i=i: v.syncs_done == i and v.phase == Phase.READY, f"sync {i}")
+        ls = v.last_sync
+        console.print(f"incremental sync {i}: {ls.changed_bytes / MiB:.1f} MiB changed, {ls.bytes_read / MiB:.1f} MiB "
+                      f"read, {ls.zero_bytes_written / MiB:.1f} MiB zeroed, {ls.duration_s:.1f}s; "
+                      f"volumes: {v.volume_count}")
+    console.print("cutover (power-off, final delta + verify, conversion, finalize, snapshot) …")
+    r = await xc.cutover(c, name)
+    v = await xc.view(c, name)
+    show_result(v, settings, console)
+    return r.phase == Phase.COMPLETED and all(d.match for d in v.disks)
 
 
 def show_result(v: xc.MigrationView, settings: Settings, console: Console) -> None:

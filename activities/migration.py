@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from typing import TypeVar
 
@@ -149,7 +150,7 @@ class MigrationActivities:
 
     # ------------------------------------------------------------------ data
 
-    @activity.defn(name="copy_disk")
+    @activity.defn(name="copy_disk", no_thread_cancel_exception=True)
     @_errors
     def copy_disk(self, inp: CopyInput) -> CopyResult:
         """Copy one generation of a disk: 0 = every allocated extent, g >= 1 = the extents dirty
@@ -161,16 +162,10 @@ class MigrationActivities:
         prev = CopyProgress.model_validate(info.heartbeat_details[0]) if info.heartbeat_details else None
         if prev and prev.generation != g:
             prev = None
-        start = prev.offset if prev else 0
-        if prev:
-            telemetry.RESUMES.inc()
-            log.info("resuming copy", offset=start, stage=prev.stage)
         vt = self.store.get_volume(inp.volume_id).volume_type
         t0 = time.monotonic()
-        progress = CopyProgress(
-            disk_index=disk.index, generation=g, offset=start, bytes_total=disk.virtual_size, resumed_from=start,
-            attempt=info.attempt, bytes_copied=prev.bytes_copied if prev else 0,
-        )
+        progress = CopyProgress(disk_index=disk.index, generation=g, bytes_total=disk.virtual_size,
+                                attempt=info.attempt)
         reported = {"read": 0, "written": 0}
 
         def beat(**changes) -> None:
@@ -188,6 +183,19 @@ class MigrationActivities:
 
         with tracker_for(inp, self.settings).freeze(g) as view:
             frozen_at = datetime.now(timezone.utc)
+            if view is not None and prev and prev.freeze_id != view.freeze_id:
+                log.info("source re-frozen since the last attempt: starting this generation over")
+                prev = None
+            start = prev.offset if prev else 0
+            # the volume reads as zeroes beyond `start` only for a first copy that was never
+            # written, or one resumed within the same freeze (writes never pass the offset)
+            fresh = g == 0 and (info.attempt == 1 or prev is not None)
+            progress = progress.model_copy(update=dict(
+                offset=start, resumed_from=start, bytes_copied=prev.bytes_copied if prev else 0,
+                freeze_id=view.freeze_id if view else ""))
+            if prev:
+                telemetry.RESUMES.inc()
+                log.info("resuming copy", offset=start, stage=prev.stage)
             if view is None:
                 log.info("generation already committed")
                 return CopyResult(disk_index=disk.index, bytes_total=disk.virtual_size, bytes_read=0,
@@ -201,7 +209,7 @@ class MigrationActivities:
                 else:
                     full = plan = list(transport.dirty_extents(src, view.bitmap, disk.virtual_size))
                 changed = sum(e.length for e in plan)
-                progress.data_bytes_total = changed
+                beat(data_bytes_total=changed)
                 todo = _clip(full, start) if start < disk.virtual_size else []
                 with self.store.open_target(inp.volume_id) as target:
                     stats = copyengine.CopyStats(offset=disk.virtual_size, end=disk.virtual_size, started_from=start)
@@ -209,7 +217,7 @@ class MigrationActivities:
                         writer = copyengine.open_writer(target)
                         try:
                             stats = copyengine.copy(
-                                src, todo, writer, fresh=(g == 0),
+                                src, todo, writer, fresh=fresh,
                                 throttle=copyengine.Throttle(inp.qos.write_bytes_sec, inp.qos.write_iops_sec),
                                 on_progress=on_progress, should_stop=activity.is_cancelled,
                             )
@@ -219,6 +227,12 @@ class MigrationActivities:
                             writer.close()
                     beat(offset=disk.virtual_size, stage="verify" if inp.verify else "copy")
                     sums = self._checksums(src, target, disk.virtual_size, beat) if inp.verify else None
+                if sums and not sums.match:  # inside the freeze: the generation is not committed
+                    raise ApplicationError(
+                        f"disk {disk.index}: target checksum {sums.target[:16]}… differs from source "
+                        f"{sums.source[:16]}…" + ("" if sums.target_tail_zero else " (target has data past the source's end)"),
+                        type="ChecksumMismatch", non_retryable=True,
+                    )
             finally:
                 transport.close(src)
         dur = time.monotonic() - t0
@@ -232,12 +246,6 @@ class MigrationActivities:
             frozen_at=frozen_at, checksums=sums,
         )
         log.info("copied", **result.model_dump(exclude={"disk_index", "checksums", "frozen_at"}))
-        if sums and not sums.match:
-            raise ApplicationError(
-                f"disk {disk.index}: target checksum {sums.target[:16]}… differs from source {sums.source[:16]}…"
-                + ("" if sums.target_tail_zero else " (target has data past the source's end)"),
-                type="ChecksumMismatch", non_retryable=True,
-            )
         return result
 
     def _checksums(self, src, target, n: int, beat) -> Checksums:
@@ -249,9 +257,15 @@ class MigrationActivities:
                 tgt = copyengine.checksum(h, n, list(transport.extents(h, 0, n)),
                                           on_progress=lambda done: beat(verified=done))
                 tail_zero = copyengine.reads_as_zero(h, transport.extents(h, n, target.size))
-            return Checksums(length=n, source=src_future.result(), target=tgt, target_tail_zero=tail_zero)
+            while True:  # keep heartbeating while a slower source finishes its checksum
+                try:
+                    src_sum = src_future.result(timeout=1.0)
+                    break
+                except FutureTimeout:
+                    beat()
+            return Checksums(length=n, source=src_sum, target=tgt, target_tail_zero=tail_zero)
 
-    @activity.defn(name="stop_tracking")
+    @activity.defn(name="stop_tracking", no_thread_cancel_exception=True)
     @_errors
     def stop_tracking(self, inp: TrackerInput) -> None:
         """Remove xms's bitmaps (and live fleecing nodes) from a warm source. Idempotent."""
@@ -259,7 +273,7 @@ class MigrationActivities:
                               bitmap=inp.bitmap), self.settings).stop()
         _log(disk=inp.disk.index).info("change tracking stopped")
 
-    @activity.defn(name="power_off_source")
+    @activity.defn(name="power_off_source", no_thread_cancel_exception=True)
     @_errors
     def power_off_source(self, inp: TrackerInput) -> str:
         """PowerOffSource: the hook command if one was given; for a live disk, pause the VM (QMP
@@ -303,7 +317,7 @@ class MigrationActivities:
     def release(self, reservation_id: str) -> None:
         self.store.release(reservation_id)
 
-    @activity.defn(name="cleanup")
+    @activity.defn(name="cleanup", no_thread_cancel_exception=True)
     @_errors
     def cleanup(self, inp: CleanupInput) -> None:
         """Undo what a failed or cancelled migration made: idempotent, safe to retry."""
@@ -316,6 +330,7 @@ class MigrationActivities:
                 deleted.append(vid)
         if inp.reservation_id:
             self.store.release(inp.reservation_id)
+        self.store.release_migration(inp.migration)  # a reserve that committed after cancel
         _log().info("cleaned up", volumes_deleted=len(deleted), reservation=inp.reservation_id)
 
     def all(self) -> list[Callable]:

@@ -20,7 +20,7 @@ BLOCK = 64 * 1024  # the dirty bitmaps' granularity
 
 def status(stack, name: str) -> dict:
     r = stack.cli("status", name, "--json")
-    assert r.returncode in (0, 1), r.stderr
+    assert r.returncode in (0, 1) and r.stdout.strip(), r.stderr
     return json.loads(r.stdout)
 
 

@@ -155,3 +155,28 @@ def test_server_killed_and_restarted_on_same_database(tmp_path):
     finally:
         st.stop_worker()
         st.server.stop()
+
+
+def test_cancel_during_incremental_sync_cleans_up(stack, tmp_path):
+    """Cancelling while a sync copies ends Cancelled (not a 'failed sync'): volumes deleted,
+    quota released, the source's bitmaps removed."""
+    from tests.test_warm import xms_bitmaps
+
+    src = make_disk(tmp_path / "c.qcow2", 512 * MiB, [(0, 8 * MiB)], fmt="qcow2", seed=85)
+    name = "warm-cancel-sync"
+    r = stack.cli("migrate", name, "--disk", str(src), "--project", "cancel", "--volume-type", "throttled-ssd",
+                  "--mode", "warm", "--sync-interval", "1h")
+    assert r.returncode == 0, r.stderr
+    wait_status(stack, name, lambda s: s["phase"] == "Ready", "Ready")
+    qemu_io(src, "write -P 5 16M 300M")
+    assert stack.cli("sync-now", name).returncode == 0
+    wait_status(stack, name, lambda s: s["phase"] == "Syncing" and s["disks"][0]["bytes_copied"] > 16 * MiB,
+                "sync under way")
+    assert stack.cli("cancel", name).returncode == 0
+    st = wait_status(stack, name, lambda s: s["phase"] == "Cancelled", "Cancelled")
+    assert st["reason"] == "cancelled by request" and st["syncs_failed"] == 0
+    store = stack.store()
+    assert store.list_volumes(migration=name) == []
+    assert store.quota("cancel").quotas["gigabytes"].reserved == 0
+    assert store.quota("cancel").quotas["gigabytes"].in_use == 0
+    assert xms_bitmaps(src) == []

@@ -61,6 +61,8 @@ SHORT = dict(
         initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
         maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE_TYPES,
     ),
+    # a cancelled step finishes before cleanup runs, so cleanup sees all it made
+    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
 )
 CLEANUP = dict(
     start_to_close_timeout=timedelta(minutes=10),
@@ -265,7 +267,7 @@ class MigrationWorkflow:
             s.syncs_done += 1
             s.consecutive_failures = 0
         except ActivityError as e:
-            if final:
+            if final or is_cancelled_exception(e):
                 raise
             rec = SyncRecord(generation=g, started_at=started, finished_at=workflow.now(), ok=False,
                              error=_reason(e, "Syncing")[0])
@@ -331,16 +333,25 @@ class MigrationWorkflow:
                     break  # one hook powers off the whole VM
             self._enter(Phase.CUTTING_OVER, "FinalDelta")
             await self._sync(final=True)
+            for _ in range(3):  # an attempt committed but lost its result: verify in a fresh freeze
+                if all(d.checksums for d in s.disks):
+                    break
+                await self._sync(final=True)
             self._enter(Phase.CUTTING_OVER, "GuestConversion")
             c.conversion = "skipped: no guest converter configured"
             await self._finish()
         except ActivityError as e:
+            if is_cancelled_exception(e):
+                raise
             c.error, c.finished_at = f"cutover failed in {s.step}: {_reason(e, s.step)[0]}", workflow.now()
             s.reason, s.cutover, s.last_failed_cutover = c.error, None, c
             self._enter(Phase.READY, "Waiting")
             return False
         self._enter(Phase.CUTTING_OVER, "StopTracking")
-        await self._stop_tracking()
+        try:
+            await self._stop_tracking()
+        except ActivityError as e:  # the migration is done; leftover bitmaps are only noted
+            s.warnings = [*s.warnings, f"change tracking could not be removed from the source: {_reason(e, s.step)[0]}"]
         return True
 
     async def _finish(self) -> None:
@@ -365,6 +376,7 @@ class MigrationWorkflow:
                     "snapshot", SnapshotInput(migration=s.request.name, volume_id=d.volume_id, disk_index=d.index),
                     result_type=SnapshotRef, task_queue=s.host_queue,
                     start_to_close_timeout=timedelta(hours=2), retry_policy=SHORT["retry_policy"],
+                    cancellation_type=SHORT["cancellation_type"],
                 )
                 d.snapshot_id = snap.id
 
@@ -388,13 +400,16 @@ class MigrationWorkflow:
         if s.admitted is None:
             s.admitted = False
         keep = s.request.keep_on_failure and not cancelled
-        if s.host_queue and (s.reservation_id or not keep):
-            await workflow.execute_activity(
-                "cleanup",
-                CleanupInput(migration=s.request.name, project=s.request.project, reservation_id=s.reservation_id,
-                             delete_volumes=not keep, volume_ids=[d.volume_id for d in s.disks if d.volume_id]),
-                task_queue=s.host_queue, **CLEANUP,
-            )
+        if s.host_queue:
+            try:
+                await workflow.execute_activity(
+                    "cleanup",
+                    CleanupInput(migration=s.request.name, project=s.request.project, reservation_id=s.reservation_id,
+                                 delete_volumes=not keep, volume_ids=[d.volume_id for d in s.disks if d.volume_id]),
+                    task_queue=s.host_queue, **CLEANUP,
+                )
+            except ActivityError as e:
+                s.warnings = [*s.warnings, f"cleanup failed, volumes or quota may be left: {_reason(e, 'Cleanup')[0]}"]
         if s.request.mode == "warm" and s.host_queue and s.phase != Phase.INITIALIZING:
             try:
                 await self._stop_tracking()

@@ -255,6 +255,8 @@ def render_status(v: xc.MigrationView) -> None:
               f"mode {v.mode}  project {v.project}  type {v.volume_type}  az {v.availability_zone or '-'}")
     if v.reason:
         out.print(f"reason: {v.reason}", markup=False)
+    for w in v.warnings:
+        out.print(f"warning: {w}", markup=False)
     if v.mode == "warm":
         ls = v.last_sync
         parts = [f"syncs {v.syncs_done} done, {v.syncs_failed} failed"]
@@ -321,14 +323,17 @@ async def cancel(name, temporal):
 async def cleanup(name, temporal):
     """Delete what a failed migration kept (--keep-on-failure): its volumes and instance record."""
     s = settings_from(temporal)
-    if await xc.is_running(await xc.connect(s), name):
-        fail(f"migration {name} is running; cancel it with `xms cancel {name}` (that cleans up by itself)")
+    status_ = await xc.execution_status(await xc.connect(s), name)
+    if status_ not in (None, "FAILED", "CANCELED", "TERMINATED", "TIMED_OUT"):
+        fail(f"migration {name} is {status_}; cleanup only removes what a failed, cancelled or terminated "
+             f"migration left (cancel a running one with `xms cancel {name}`)")
     store = _store(s)
     store.delete_instance(name)
     vols = store.list_volumes(migration=name)
     for v in vols:
         store.delete_volume(v.id)
-    out.print(f"{name}: deleted {len(vols)} volume(s) and the instance record")
+    store.release_migration(name)
+    out.print(f"{name}: deleted {len(vols)} volume(s) and the instance record; reservation released")
 
 
 # ------------------------------------------------------------------------------ block storage

@@ -93,6 +93,7 @@ class MigrationView(Model):
     last_failed_cutover: CutoverInfo | None = None
     runs: int = 1
     volume_count: int = 0
+    warnings: list[str] = []
 
 
 async def connect(settings: Settings) -> Client:
@@ -222,7 +223,7 @@ async def view(client: Client, name: str) -> MigrationView:
         if state.last_sync and state.last_sync.frozen_at and not state.phase.terminal else None,
         next_sync_at=state.next_sync_at.isoformat() if state.next_sync_at else None,
         cutover=state.cutover, last_failed_cutover=state.last_failed_cutover, runs=state.runs,
-        volume_count=state.volume_count,
+        volume_count=state.volume_count, warnings=state.warnings,
     )
 
 
@@ -266,14 +267,15 @@ async def cutover(client: Client, name: str) -> CutoverResult:
         raise XmsError(f"cutover of {name}: {e.message}") from None
 
 
-async def is_running(client: Client, name: str) -> bool:
+async def execution_status(client: Client, name: str) -> str | None:
+    """Temporal's status of the latest run of migration ``name`` (RUNNING, COMPLETED, FAILED, …), or None."""
     try:
         desc = await client.get_workflow_handle(name).describe()
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
-            return False
+            return None
         raise
-    return desc.status == WorkflowExecutionStatus.RUNNING
+    return desc.status.name if desc.status else None
 
 
 async def cancel(client: Client, name: str) -> None:

@@ -199,6 +199,7 @@ class CopyProgress(Model):
     generation: int = 0  # 0 = full sync; resume only within the same generation
     stage: Literal["copy", "verify"] = "copy"
     verified: int = 0  # bytes of the target checksummed so far
+    freeze_id: str = ""  # identifies the frozen point in time; resume only within the same one
     offset: int = 0  # everything below this offset is on the target: resume here
     bytes_total: int = 0  # virtual size of the disk
     data_bytes_total: int = 0  # allocated bytes to transfer (from base:allocation)
@@ -320,6 +321,7 @@ class MigrationState(Model):
     last_failed_cutover: CutoverInfo | None = None
     runs: int = 1  # runs of this workflow id so far (continue-as-new)
     index_phase: bool = False
+    warnings: list[str] = []  # problems that did not change the outcome (e.g. cleanup that failed)
     volume_count: int = 0  # volumes made at admission; constant for the migration's life
 
     @property

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import signal
 import subprocess
 import tempfile
 import time
@@ -248,6 +249,13 @@ class LocalBlockStore:
         return Reservation(id=rid, project=row["project"], volume_type=row["volume_type"],
                            volumes=row["n"], gigabytes=row["gib"])
 
+    def release_migration(self, migration: str) -> None:
+        """Release whatever reservation ``migration`` holds (cleanup that lost the id). Idempotent."""
+        with self._tx() as con:
+            for (rid,) in con.execute("SELECT id FROM reservations WHERE migration = ?", (migration,)).fetchall():
+                con.execute("DELETE FROM reservation_items WHERE reservation_id = ?", (rid,))
+                con.execute("DELETE FROM reservations WHERE id = ?", (rid,))
+
     def release(self, reservation_id: str) -> None:
         # consumed items no longer count against quota (their volumes do), so all items go
         with self._tx() as con:
@@ -398,7 +406,8 @@ class LocalBlockStore:
                 "--discard=unmap", "-e", "4", "--persistent", *([] if writable else ["-r"])]
         try:
             with open(sock_dir / "qemu-nbd.log", "w+") as log:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        preexec_fn=_die_with_parent)
                 try:
                     deadline = time.monotonic() + NBD_START_TIMEOUT_S
                     while not self._serving(f"nbd+unix:///?socket={sock}"):
@@ -505,6 +514,14 @@ class LocalBlockStore:
             con.execute("DELETE FROM attachments WHERE instance_id IN"
                         " (SELECT id FROM instances WHERE name = ?)", (name,))
             con.execute("DELETE FROM instances WHERE name = ?", (name,))
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the worker dies, so a SIGKILLed worker leaves
+    no qemu-nbd holding the image's lock."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def open_local_store(settings) -> LocalBlockStore:

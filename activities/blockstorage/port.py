@@ -42,6 +42,10 @@ class BlockStorage(Protocol):
         """Drop what is left of a reservation. Idempotent."""
         ...
 
+    def release_migration(self, migration: str) -> None:
+        """Drop whatever reservation a migration holds (cleanup that never learnt its id). Idempotent."""
+        ...
+
     # ---- volumes
     def create_volume(
         self,

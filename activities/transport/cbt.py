@@ -37,6 +37,7 @@ class FrozenView:
     fmt: str
     bitmap: str | None  # the dirty bitmap to read; None = full sync (read every allocated extent)
     generation: int
+    freeze_id: str = ""  # changes whenever the point in time is frozen anew (a resumed copy must match)
 
     def connect(self):
         return transport.connect(self.location, self.kind, self.fmt, bitmap=self.bitmap)
@@ -108,15 +109,21 @@ class QuiescedImage:
                 self._bitmap("--add", nxt, "-g", "64K")
             yield FrozenView(self.path, "image", "qcow2", None, 0)
             return
+        older = sorted((b for b in have if _gen(b) < generation), key=_gen)
         if cur not in have:
             if nxt in have:
                 yield None  # committed by an earlier attempt
                 return
-            raise SourceUnreadable(
-                f"{self.path}: dirty bitmap {cur} is missing (change tracking was reset); a full sync is needed"
-            )
+            if not older:
+                raise SourceUnreadable(
+                    f"{self.path}: no xms dirty bitmap is left (change tracking was reset); a full sync is needed"
+                )
+            # earlier generations never rotated (they failed before freezing): their bitmap
+            # still records, and carries on as this generation's
+            self._bitmap("--add", cur, "-g", "64K")
+            have[cur] = True
         if nxt not in have:  # first attempt of this generation: fold in abandoned generations, rotate
-            for old in sorted((b for b in have if _gen(b) < generation), key=_gen):
+            for old in older:
                 self._img("bitmap", "--merge", old, self.path, cur)
                 self._bitmap("--remove", old)
             self._bitmap("--add", nxt, "-g", "64K")

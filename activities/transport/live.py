@@ -223,8 +223,13 @@ class LiveDisk:
                 if cur not in have:
                     if nxt in have:
                         return None
-                    raise SourceUnreadable(f"live disk {self.node}: dirty bitmap {cur} is missing (change tracking "
-                                           "was reset); a full sync is needed")
+                    if not any(_gen(b) < g for b in have):
+                        raise SourceUnreadable(f"live disk {self.node}: no xms dirty bitmap is left (change "
+                                               "tracking was reset); a full sync is needed")
+                    # earlier generations failed before freezing: their (recording) bitmaps carry on as
+                    # this one's; while both record, no write can fall between them
+                    await c.execute("block-dirty-bitmap-add", {"node": node, "name": cur, "granularity": GRANULARITY,
+                                                               "persistent": info["drv"] == "qcow2"})
                 for old in sorted((b for b in have if _gen(b) < g), key=_gen):
                     await c.execute("block-dirty-bitmap-merge", {"node": node, "target": cur, "bitmaps": [old]})
                     await c.execute("block-dirty-bitmap-remove", {"node": node, "name": old})
@@ -244,8 +249,9 @@ class LiveDisk:
             await c.execute("block-export-add", {
                 "type": "nbd", "id": self._export(g), "node-name": self._fleece(g), "name": f"xms-{self.tag}-{g}",
                 "writable": False, **({"bitmaps": [cur]} if g else {})})
+        st = self._file(g).stat()  # a reused freeze keeps its fleece file; a new one makes a new file
         return FrozenView(f"nbd+unix:///xms-{self.tag}-{g}?socket={self.nbd_socket}", "nbd", "raw",
-                          cur if g else None, g)
+                          cur if g else None, g, freeze_id=f"{st.st_ino}-{st.st_ctime_ns}")
 
     async def _add_fleece(self, c: QMPClient, g: int, node: str, size: int) -> None:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -1,0 +1,54 @@
+"""Run the xms copy engine once, as its own process (so its peak RSS can be measured), and print
+its statistics as JSON. Used by benchmarks/run.py; handy alone too:
+
+    python -m benchmarks.engine SRC DST [--dst-file] [--src-image FMT] [--bitmap NAME] [--qos-bps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from activities import copyengine
+from activities.transport import nbd as transport
+from xms.models import TargetEndpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--src-image", metavar="FMT", help="SRC is a local image of this format (served by qemu-nbd)")
+    p.add_argument("--dst-file", action="store_true", help="DST is a raw file, written with pwrite")
+    p.add_argument("--bitmap", help="copy only the extents dirty in this bitmap (an incremental sync)")
+    p.add_argument("--qos-bps", type=int, default=0)
+    p.add_argument("--depth", type=int, default=copyengine.DEPTH)
+    a = p.parse_args(argv)
+    kind = "image" if a.src_image else "nbd"
+    t0 = time.monotonic()
+    src = transport.connect(a.src, kind, a.src_image or "raw", bitmap=a.bitmap)
+    size = src.get_size()
+    if a.bitmap:
+        plan = list(transport.dirty_extents(src, a.bitmap, size))
+    else:
+        plan = [e for e in transport.extents(src, 0, size)]
+    allocated = sum(e.length for e in plan if not e.zero)
+    target = TargetEndpoint(kind="file", path=a.dst, size=size) if a.dst_file else TargetEndpoint(kind="nbd", uri=a.dst, size=size)
+    writer = copyengine.open_writer(target)
+    stats = copyengine.copy(src, plan, writer, fresh=not a.bitmap, depth=a.depth,
+                            throttle=copyengine.Throttle(a.qos_bps))
+    writer.close()
+    transport.close(src)
+    elapsed = time.monotonic() - t0
+    json.dump({
+        "size": size, "allocated": allocated, "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written,
+        "zero_bytes_written": stats.zero_bytes_written, "copy_s": stats.elapsed, "elapsed_s": elapsed,
+        "extents": len(plan),
+    }, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The xms benchmark suite: one command, its own inputs, every tool measured in the same run.
+
+    .venv/bin/python -m benchmarks.run [--runs 5] [--workdir /var/tmp/xms-bench] [--json FILE]
+
+Measures, on the same NBD endpoints (qemu-nbd serving the source read-only and a fresh sparse
+raw target): the xms copy engine, ``nbdcopy`` and ``qemu-img convert`` (median of N runs,
+interleaved); then a cold migration end to end through Temporal against the bare engine on the
+same source and the same kind of target; an incremental sync of a 1 %-changed disk against
+the full copy; peak RSS for a 1 GiB and a 16 GiB sparse disk; 8 concurrent migrations on one
+worker against one; and a volume type limited to 50 MiB/s. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from xms.models import GiB, MiB  # noqa: E402
+
+PY = sys.executable
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def timed(argv: list[str], env: dict | None = None) -> dict:
+    """Run a command; wall time and the process's own peak RSS (from wait4)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out = p.stdout.read()
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{argv[0]} failed: {err.decode()[-500:]}")
+    return {"wall_s": wall, "peak_rss_mib": ru.ru_maxrss / 1024, "stdout": out.decode()}
+
+
+def make_disk(path: Path, size: int, data_every: int, data_len: int, seed: int) -> int:
+    """Sparse raw disk with random ``data_len`` bytes at every ``data_every`` bytes; returns data bytes."""
+    rng = random.Random(seed)
+    total = 0
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, data_every):
+            f.seek(off)
+            n = min(data_len, size - off)
+            for pos in range(0, n, 8 * MiB):
+                f.write(rng.randbytes(min(8 * MiB, n - pos)))
+            total += n
+    return total
+
+
+class Server:
+    """qemu-nbd on a unix socket (source read-only, target writable), persistent, shared."""
+
+    def __init__(self, image: Path, sock: Path, fmt: str = "raw", readonly: bool = True, bitmap: str | None = None):
+        argv = ["qemu-nbd", "-t", "-e", "16", "-f", fmt, "-k", str(sock)]
+        if readonly:
+            argv.append("-r")
+        if bitmap:
+            argv += ["-B", bitmap]
+        self.sock = sock
+        sock.unlink(missing_ok=True)
+        self.proc = subprocess.Popen([*argv, str(image)])
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"qemu-nbd for {image} did not start")
+            time.sleep(0.05)  # readiness poll
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def fresh_target(path: Path, size: int) -> None:
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def mib_s(nbytes: int, seconds: float) -> float:
+    return nbytes / MiB / seconds
+
+
+# ------------------------------------------------------------------------------ benchmarks
+
+
+def full_copy(work: Path, runs: int) -> dict:
+    size = 4 * GiB
+    src = work / "src-4g.raw"
+    data = make_disk(src, size, 128 * MiB, 64 * MiB, seed=1) if not src.exists() else 2 * GiB
+    dst = work / "dst-4g.raw"
+    tools = {
+        "xms": lambda s, d: [PY, "-m", "benchmarks.engine", s, d],
+        "nbdcopy": lambda s, d: ["nbdcopy", "--destination-is-zero", s, d],
+        "qemu-img convert": lambda s, d: ["qemu-img", "convert", "-n", "--target-is-zero", "-f", "raw", "-O", "raw", s, d],
+    }
+    results: dict[str, list[dict]] = {t: [] for t in tools}
+    s = Server(src, work / "src.sock")
+    try:
+        for i in range(runs):
+            for name, argv in tools.items():  # interleaved, so drift hits every tool alike
+                fresh_target(dst, size)
+                d = Server(dst, work / "dst.sock", readonly=False)
+                try:
+                    r = timed(argv(s.uri, d.uri), env={**os.environ, "PYTHONPATH": str(ROOT)})
+                finally:
+                    d.stop()
+                r["mib_s"] = mib_s(data, r["wall_s"])
+                if name == "xms":
+                    st = json.loads(r.pop("stdout"))
+                    r.update(bytes_read=st["bytes_read"], bytes_written=st["bytes_written"])
+                else:
+                    r.pop("stdout")
+                results[name].append(r)
+                print(f"  full copy run {i + 1}/{runs} {name:17s} {r['mib_s']:7.1f} MiB/s  rss {r['peak_rss_mib']:.0f} MiB",
+                      flush=True)
+    finally:
+        s.stop()
+    out = {"size": size, "allocated": data, "tools": {}}
+    for name, rs in results.items():
+        out["tools"][name] = {
+            "median_mib_s": statistics.median(r["mib_s"] for r in rs),
+            "runs_mib_s": [round(r["mib_s"], 1) for r in rs],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+            **({"bytes_read": rs[-1]["bytes_read"], "bytes_written": rs[-1]["bytes_written"]} if name == "xms" else {}),
+        }
+    nb = out["tools"]["nbdcopy"]["median_mib_s"]
+    for t in out["tools"].values():
+        t["ratio_to_nbdcopy"] = t["median_mib_s"] / nb
+    out["bytes_read_over_allocated"] = out["tools"]["xms"]["bytes_read"] / data
+    return out
+
+
+def bare_engine_file(src: Path, dst: Path, size: int, extra: list[str] | None = None) -> dict:
+    fresh_target(dst, size)
+    r = timed([PY, "-m", "benchmarks.engine", str(src), str(dst), "--src-image", "raw", "--dst-file", *(extra or [])],
+              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    st = json.loads(r["stdout"])
+    return {"mib_s": mib_s(st["bytes_read"], st["copy_s"]), "peak_rss_mib": r["peak_rss_mib"], **st}
+
+
+def through_temporal(work: Path) -> dict:
+    """Cold migrations through the embedded stack (dev server + worker process): one 4 GiB disk
+    against the bare engine on the same source into the same kind of target (a local raw file);
+    then 1 vs 8 concurrent migrations on one worker."""
+    from tests.conftest import start_stack  # the same harness the tests use
+
+    src = work / "src-4g.raw"
+    bare = bare_engine_file(src, work / "bare-4g.raw", 4 * GiB)
+    st = start_stack(work / "stack")
+    try:
+        r = st.cli("migrate", "bench-e2e", "--disk", str(src), "--project", "bench", "--volume-type",
+                   "standard-ssd", "--no-snapshot", "--wait", "--json", timeout=1800)
+        assert r.returncode == 0, r.stderr
+        v = json.loads(r.stdout)
+        e2e = v["disks"][0]["throughput"] / MiB
+        # concurrency: 512 MiB of data per disk
+        disks = []
+        for i in range(8):
+            p = work / f"c{i}.raw"
+            if not p.exists():
+                make_disk(p, 1 * GiB, 64 * MiB, 32 * MiB, seed=10 + i)
+            disks.append(p)
+
+        def batch(names: list[str], ds: list[Path]) -> float:
+            t0 = time.monotonic()
+            procs = [subprocess.Popen([PY, "-m", "xms", "migrate", n, "--disk", str(d), "--project", "bench",
+                                       "--volume-type", "standard-ssd", "--no-snapshot", "--wait", "--json"],
+                                      env=st.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for n, d in zip(names, ds)]
+            total = 0
+            for p in procs:
+                out, err = p.communicate(timeout=1800)
+                assert p.returncode == 0, err
+                total += json.loads(out)["disks"][0]["bytes_copied"]
+            return mib_s(total, time.monotonic() - t0)
+
+        one = batch(["bench-one"], disks[:1])
+        eight = batch([f"bench-eight-{i}" for i in range(8)], disks)
+    finally:
+        st.stop_worker()
+        st.server.stop()
+    return {"bare_engine_file_mib_s": bare["mib_s"], "temporal_copy_mib_s": e2e, "ratio": e2e / bare["mib_s"],
+            "one_migration_mib_s": one, "eight_migrations_aggregate_mib_s": eight, "concurrency_ratio": eight / one}
+
+
+def incremental(work: Path) -> dict:
+    """A 4 GiB qcow2 (half data) fully copied, then 1 % of it changed and synced through its bitmap."""
+    from activities.transport.cbt import QuiescedImage
+
+    raw = work / "src-4g.raw"
+    q = work / "inc-4g.qcow2"
+    q.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(q)], check=True)
+    tracker = QuiescedImage(str(q))
+    dst = work / "inc-dst.raw"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    fresh_target(dst, 4 * GiB)
+    with tracker.freeze(0):
+        full = timed([PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file"], env=env)
+    full_st = json.loads(full["stdout"])
+    rng = random.Random(5)
+    blocks = int(0.01 * 4 * GiB) // (64 * 1024)
+    cmds = []
+    for _ in range(blocks):
+        cmds += ["-c", f"write -P {rng.randint(1, 255)} {rng.randrange(0, 4 * GiB // (64 * 1024)) * 64 * 1024} 64k"]
+    for i in range(0, len(cmds), 400):
+        subprocess.run(["qemu-io", "-f", "qcow2", *cmds[i:i + 400], str(q)], check=True, capture_output=True)
+    with tracker.freeze(1) as view:
+        inc = timed([PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file",
+                     "--bitmap", view.bitmap], env=env)
+    tracker.stop()
+    inc_st = json.loads(inc["stdout"])
+    return {"full_s": full_st["elapsed_s"], "incremental_s": inc_st["elapsed_s"],
+            "ratio": inc_st["elapsed_s"] / full_st["elapsed_s"], "changed_bytes": blocks * 64 * 1024,
+            "incremental_bytes_read": inc_st["bytes_read"], "incremental_extents": inc_st["extents"]}
+
+
+def memory(work: Path) -> dict:
+    out = {}
+    for label, size, every, length in (("1 GiB", GiB, 64 * MiB, 32 * MiB), ("16 GiB sparse", 16 * GiB, 512 * MiB, 32 * MiB)):
+        src = work / f"mem-{label.split()[0]}.raw"
+        if not src.exists():
+            make_disk(src, size, every, length, seed=7)
+        r = bare_engine_file(src, work / "mem-dst.raw", size)
+        out[label] = {"peak_rss_mib": r["peak_rss_mib"], "mib_s": r["mib_s"]}
+    (work / "mem-dst.raw").unlink(missing_ok=True)
+    return out
+
+
+def qos(work: Path) -> dict:
+    src = work / "c0.raw"
+    if not src.exists():
+        make_disk(src, GiB, 64 * MiB, 32 * MiB, seed=10)
+    r = bare_engine_file(src, work / "qos-dst.raw", GiB, ["--qos-bps", str(50 * MiB)])
+    return {"limit_mib_s": 50, "measured_mib_s": r["bytes_written"] / MiB / r["copy_s"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp/xms-bench"))
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
+    p.add_argument("--only", nargs="*", choices=["full", "temporal", "incremental", "memory", "qos"])
+    a = p.parse_args()
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    for tool in ("nbdcopy", "qemu-img", "qemu-nbd", "qemu-io"):
+        if not shutil.which(tool):
+            print(f"benchmark: {tool} is missing (make setup installs it)", file=sys.stderr)
+            return 1
+    todo = a.only or ["full", "temporal", "incremental", "memory", "qos"]
+    res: dict = {"machine": {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}}
+    steps = {"full": lambda: full_copy(a.workdir, a.runs), "temporal": lambda: through_temporal(a.workdir),
+             "incremental": lambda: incremental(a.workdir), "memory": lambda: memory(a.workdir),
+             "qos": lambda: qos(a.workdir)}
+    for k in todo:
+        print(f"== {k}", flush=True)
+        res[k] = steps[k]()
+        print(json.dumps(res[k], indent=1), flush=True)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(res, indent=2))
+    print(f"results: {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    sys.exit(main())

@@ -24,6 +24,7 @@ from activities.blockstorage.port import BlockStorage
 from activities.transport import cbt
 from activities.transport import nbd as transport
 from xms import telemetry
+from xms.config import load_config
 from xms.errors import DuplicateMigration, InvalidAvailabilityZone, InvalidRequest, SourceCannotTrack, XmsError
 from xms.models import (
     Checksums,
@@ -82,6 +83,7 @@ class MigrationActivities:
     def __init__(self, settings: Settings, store: BlockStorage):
         self.settings = settings
         self.store = store
+        self.config = load_config(settings.config)
 
     # ------------------------------------------------------------------ admission
 
@@ -96,6 +98,8 @@ class MigrationActivities:
             )
         with ThreadPoolExecutor(max_workers=min(8, len(req.disks))) as pool:
             infos = list(pool.map(self._probe, req.disks))
+        if req.power_off_hook:
+            self.config.hook(req.power_off_hook, migration=req.name, source="")  # refuses unknown hooks
         for s in infos:
             if req.mode == "cold" and s.kind == "qmp":
                 raise InvalidRequest(f"{s.location} is a live disk; live disks can only be migrated with --mode warm")
@@ -278,13 +282,14 @@ class MigrationActivities:
     def power_off_source(self, inp: TrackerInput) -> str:
         """PowerOffSource: the hook command if one was given; for a live disk, pause the VM (QMP
         ``stop``) so that nothing writes after the final delta's freeze; images need nothing."""
-        if inp.command:
-            r = subprocess.run(inp.command, capture_output=True, text=True, timeout=600)
+        if inp.hook:
+            argv = self.config.hook(inp.hook, migration=inp.migration, source=inp.disk.source)
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
                 tail = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-                raise ApplicationError(f"power-off hook {inp.command[0]} failed: {tail}", type="PowerOffFailed",
+                raise ApplicationError(f"power-off hook {inp.hook} failed: {tail}", type="PowerOffFailed",
                                        non_retryable=True)
-            return f"hook {inp.command[0]} ran"
+            return f"hook {inp.hook} ran"
         if inp.disk.source_kind == "qmp":
             from activities.transport.live import live_disk
 

@@ -46,6 +46,8 @@ def write_test_config(path: Path) -> Path:
         "backend": "ssd-a", "description": "test: 48 MiB/s writes",
         "qos": {"write_bytes_sec": 48 * MiB, "write_iops_sec": 0},
     }
+    cfg["hooks"] = {"mark-off": ["sh", "-c", f"echo {{migration}} >> {path.parent / 'powered-off.txt'}"],
+                    "fail-off": ["sh", "-c", "echo 'the BMC said no' >&2; exit 3"]}
     path.write_text(yaml.safe_dump(cfg))
     return path
 

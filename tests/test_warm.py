@@ -47,7 +47,7 @@ def test_warm_quiesced_qcow2(stack, tmp_path):
     src = make_disk(tmp_path / "warm.qcow2", size, [(8 * MiB, 64 * MiB), (160 * MiB, 32 * MiB)], fmt="qcow2", seed=61)
     name = "warm-quiesced"
     r = stack.cli("migrate", name, "--disk", str(src), "--project", "warm", "--volume-type", "standard-ssd",
-                  "--mode", "warm", "--sync-interval", "1h")
+                  "--mode", "warm", "--sync-interval", "1h", "--power-off-hook", "mark-off")
     assert r.returncode == 0, r.stderr
     st = wait_status(stack, name, lambda s: s["phase"] == "Ready", "Ready after the full sync")
     vol = stack.store().get_volume(st["disks"][0]["volume_id"])
@@ -105,7 +105,8 @@ def test_warm_quiesced_qcow2(stack, tmp_path):
     assert sha256_file(target, size) == final
     st = status(stack, name)
     assert st["phase"] == "Completed" and st["disks"][0]["match"] is True
-    assert st["cutover"]["power_off"] and st["cutover"]["conversion"].startswith("skipped")
+    assert st["cutover"]["power_off"] == "hook mark-off ran" and st["cutover"]["conversion"].startswith("skipped")
+    assert name in (stack.data_dir / "powered-off.txt").read_text().split()
     assert len(store.list_volumes(migration=name)) == volumes_before
     assert len(store.list_snapshots(vol.id)) == 1  # the post-migration snapshot only
     assert store.get_volume(vol.id).bootable
@@ -133,4 +134,31 @@ def test_periodic_syncs_on_the_interval(stack, tmp_path):
     assert stack.cli("cancel", name).returncode == 0
     wait_status(stack, name, lambda s: s["phase"] == "Cancelled", "Cancelled")
     assert stack.store().list_volumes(migration=name) == []
+    assert xms_bitmaps(src) == []
+
+
+def test_failed_cutover_returns_to_ready_and_unknown_hooks_are_refused(stack, tmp_path):
+    src = make_disk(tmp_path / "f.qcow2", 64 * MiB, [(0, 4 * MiB)], fmt="qcow2", seed=65)
+    r = stack.cli("migrate", "warm-nohook", "--disk", str(src), "--project", "warm4", "--volume-type",
+                  "standard-ssd", "--mode", "warm", "--power-off-hook", "rm-rf")
+    assert r.returncode != 0 and "unknown hook 'rm-rf'" in r.stderr and "fail-off, mark-off" in r.stderr
+    assert stack.store().list_volumes(migration="warm-nohook") == []
+    name = "warm-failoff"
+    r = stack.cli("migrate", name, "--disk", str(src), "--project", "warm4", "--volume-type", "standard-ssd",
+                  "--mode", "warm", "--sync-interval", "1h", "--power-off-hook", "fail-off")
+    assert r.returncode == 0, r.stderr
+    wait_status(stack, name, lambda s: s["phase"] == "Ready", "Ready")
+    assert stack.cli("sync-now", name).returncode == 0
+    wait_status(stack, name, lambda s: s["syncs_done"] == 1 and s["phase"] == "Ready", "sync 1")
+    r = stack.cli("cutover", name)
+    assert r.returncode != 0 and "cutover failed in PowerOffSource" in r.stdout + r.stderr
+    assert "the BMC said no" in r.stdout + r.stderr
+    st = status(stack, name)
+    assert st["phase"] == "Ready" and st["last_failed_cutover"]["error"]
+    # still a live warm migration: it syncs again, with its volume and tracking intact
+    qemu_io(src, "write -P 8 1M 64k")
+    assert stack.cli("sync-now", name).returncode == 0
+    wait_status(stack, name, lambda s: s["syncs_done"] == 2 and s["phase"] == "Ready", "sync 2")
+    assert stack.cli("cancel", name).returncode == 0
+    wait_status(stack, name, lambda s: s["phase"] == "Cancelled", "Cancelled")
     assert xms_bitmaps(src) == []

@@ -326,10 +326,10 @@ class MigrationWorkflow:
             for d in s.disks:
                 c.power_off = await workflow.execute_activity(
                     "power_off_source",
-                    TrackerInput(migration=s.request.name, disk=d.plan, command=s.request.power_off_command),
+                    TrackerInput(migration=s.request.name, disk=d.plan, hook=s.request.power_off_hook),
                     result_type=str, task_queue=s.host_queue, **SHORT,
                 )
-                if s.request.power_off_command:
+                if s.request.power_off_hook:
                     break  # one hook powers off the whole VM
             self._enter(Phase.CUTTING_OVER, "FinalDelta")
             await self._sync(final=True)

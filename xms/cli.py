@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shlex
 import sys
 import time
 from functools import wraps
@@ -122,8 +121,8 @@ async def worker(temporal, metrics):
               help="Warm: time between incremental syncs (e.g. 30s, 15m, 2h)")
 @click.option("--cutover-at", default=None, metavar="ISO8601", help="Warm: cut over by itself at this time")
 @click.option("--bitmap", default=None, help="Warm, NBD sources: the dirty bitmap the server exports")
-@click.option("--power-off-cmd", default=None, metavar="CMD",
-              help="Warm: command run on the worker's host at cutover to power the source off")
+@click.option("--power-off-hook", default=None, metavar="NAME",
+              help="Warm: the worker's configured hook that powers the source off at cutover")
 @click.option("--no-snapshot", is_flag=True, help="Skip the post-migration snapshot")
 @click.option("--keep-on-failure", is_flag=True, help="Keep created volumes if the migration fails")
 @click.option("--heartbeat-timeout", default=30, show_default=True, help="Seconds before a silent copy is retried")
@@ -131,7 +130,7 @@ async def worker(temporal, metrics):
 @temporal_opt
 @json_opt
 @command
-async def migrate(name, disks, project, volume_type, az, mode, sync_interval, cutover_at, bitmap, power_off_cmd,
+async def migrate(name, disks, project, volume_type, az, mode, sync_interval, cutover_at, bitmap, power_off_hook,
                   no_snapshot, keep_on_failure, heartbeat_timeout, wait, temporal, as_json):
     """Start migration NAME (its Temporal workflow id). Refused at once if invalid or over quota."""
     s = settings_from(temporal)
@@ -140,7 +139,7 @@ async def migrate(name, disks, project, volume_type, az, mode, sync_interval, cu
                            availability_zone=az, mode=mode, snapshot=not no_snapshot,
                            keep_on_failure=keep_on_failure, heartbeat_timeout_s=heartbeat_timeout,
                            sync_interval_s=parse_duration(sync_interval), cutover_at=cutover_at, bitmap=bitmap,
-                           power_off_command=shlex.split(power_off_cmd) if power_off_cmd else None)
+                           power_off_hook=power_off_hook)
     c = await xc.connect(s)
     adm = await xc.submit(c, s, req)
     if not wait:

@@ -54,6 +54,24 @@ class XmsConfig(_Strict):
     backends: dict[str, BackendConfig] = Field(min_length=1)
     volume_types: dict[str, VolumeTypeConfig] = Field(min_length=1)
     quotas: QuotaConfig = QuotaConfig()
+    # named commands the worker may run (e.g. PowerOffSource). Requests name a hook, never carry a
+    # command: nothing a Temporal client sends is executed, and no credential enters history.
+    # Arguments may use {migration} and {source}.
+    hooks: dict[str, list[str]] = {}
+
+    @field_validator("hooks")
+    @classmethod
+    def _hooks(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, argv in v.items():
+            if not argv or not argv[0]:
+                raise ValueError(f"hook {name!r} needs a command: a list such as [virsh, shutdown, '{{migration}}']")
+        return v
+
+    def hook(self, name: str, **values: str) -> list[str]:
+        if name not in self.hooks:
+            known = ", ".join(sorted(self.hooks)) or "none are configured"
+            raise ConfigInvalid(f"unknown hook {name!r}; configured hooks: {known}")
+        return [a.format(**values) for a in self.hooks[name]]
 
     @model_validator(mode="after")
     def _refs(self) -> "XmsConfig":

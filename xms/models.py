@@ -139,7 +139,7 @@ class MigrationRequest(Model):
     sync_interval_s: int = Field(900, ge=1, le=7 * 86400)
     cutover_at: datetime | None = None
     bitmap: str | None = None  # dirty bitmap exported by NBD sources that manage their own
-    power_off_command: list[str] | None = None  # PowerOffSource hook, run on the worker's host
+    power_off_hook: str | None = None  # PowerOffSource: a hook named in the worker's config
     syncs_per_run: int = Field(200, ge=1, le=2000)  # continue-as-new after this many syncs
     # activity knobs, kept small so tests and operators can tune them
     heartbeat_timeout_s: int = Field(30, ge=2, le=3600)
@@ -167,6 +167,8 @@ class MigrationRequest(Model):
             raise ValueError("--cutover-at and --bitmap apply to --mode warm only")
         if self.cutover_at is not None and self.cutover_at.tzinfo is None:
             raise ValueError("cutover_at needs a time zone, e.g. 2026-11-26T02:00:00Z")
+        if self.power_off_hook is not None and not NAME_RE.match(self.power_off_hook):
+            raise ValueError(f"hook name {self.power_off_hook!r} is not valid ({NAME_RULE})")
         if self.bitmap is not None and not NAME_RE.match(self.bitmap.lower()):
             raise ValueError(f"bitmap name {self.bitmap!r} is not valid ({NAME_RULE})")
         return self
@@ -370,7 +372,7 @@ class TrackerInput(Model):
     migration: str
     disk: DiskPlan
     bitmap: str | None = None
-    command: list[str] | None = None
+    hook: str | None = None
 
 
 class FinalizeInput(Model):

@@ -1,7 +1,9 @@
 """The copy engine: extents in, bytes out. Resumable, throttled, no Temporal and no OpenStack.
 
-Reads run as a ring of libnbd AIO requests on one connection; completed reads are written in
-order, so everything below ``offset`` is on the target and a restart resumes exactly there.
+Each connection (a source handle and a writer, 4 by default, each in its own thread) runs a
+ring of libnbd AIO reads over pieces handed out in ascending order; a piece counts as done once
+written, and ``offset`` is the end of the longest run of done pieces from the start, so
+everything below it is on the target and a restart resumes exactly there.
 Zero extents are never read; on a fresh target they are not written either, and data chunks
 that turn out to be all zeroes are skipped the same way.
 """
@@ -12,6 +14,8 @@ import ctypes
 import ctypes.util
 import hashlib
 import os
+import select
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -24,9 +28,12 @@ from activities.transport.nbd import close as transport_close
 from xms.errors import TransientIOError
 from xms.models import MiB, TargetEndpoint
 
-CHUNK = 4 * MiB  # QEMU's NBD server refuses requests over 32 MiB
-DEPTH = 16
+CHUNK = 4 * MiB  # checksum chunk, and the largest request (QEMU's NBD server refuses > 32 MiB)
+REQUEST = 1 * MiB  # copy request size: smaller requests keep more of the target's writes in flight
+DEPTH = 32  # requests in flight, over all connections
+CONNECTIONS = 4
 ZEROES = bytes(CHUNK)
+ZERO_REQUEST = bytes(REQUEST)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -103,16 +110,18 @@ class Throttle:
         self.t0 = time.monotonic()
         self.bytes = 0
         self.ops = 0
+        self.lock = threading.Lock()
 
     def acquire(self, nbytes: int) -> None:
         if not (self.bps or self.iops):
             return
-        self.bytes += nbytes
-        self.ops += 1
-        due = max(
-            self.bytes / self.bps if self.bps else 0.0,
-            self.ops / self.iops if self.iops else 0.0,
-        )
+        with self.lock:  # shared by the copy's connections
+            self.bytes += nbytes
+            self.ops += 1
+            due = max(
+                self.bytes / self.bps if self.bps else 0.0,
+                self.ops / self.iops if self.iops else 0.0,
+            )
         wait = due - (time.monotonic() - self.t0) - self.burst_s
         if wait > 0:
             time.sleep(wait)  # rate limiting, not synchronisation
@@ -164,6 +173,143 @@ class Stopped(Exception):
     """The caller asked the copy to stop (cancellation); progress so far is valid."""
 
 
+class _Tracker:
+    """Hands out pieces in ascending order to the connections and keeps the resume offset: the end
+    of the longest run of pieces, from the first, that are all on the target."""
+
+    def __init__(self, plan: list[Extent], stats: CopyStats):
+        self.pieces = iter(split(plan, REQUEST))
+        self.stats = stats
+        self.lock = threading.Lock()
+        self.issued = 0
+        self.ends: dict[int, int] = {}
+        self.finished: set[int] = set()
+        self.next = 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def take(self) -> tuple[int, Extent] | None:
+        with self.lock:
+            e = None if self.stop.is_set() else next(self.pieces, None)
+            if e is None:
+                return None
+            seq, self.issued = self.issued, self.issued + 1
+            self.ends[seq] = e.end
+            return seq, e
+
+    def finish(self, seq: int, read: int = 0, written: int = 0, skipped: int = 0, zeroed: int = 0) -> None:
+        with self.lock:
+            st = self.stats
+            st.bytes_read += read
+            st.bytes_written += written
+            st.zero_bytes_skipped += skipped
+            st.zero_bytes_written += zeroed
+            self.finished.add(seq)
+            while self.next in self.finished:
+                self.finished.remove(self.next)
+                st.offset = self.ends.pop(self.next)
+                self.next += 1
+
+
+def _wait(handles: list[nbd.NBD]) -> None:
+    """Block until one of the handles can make progress, then let it (both directions of a
+    connection are driven from this one thread, so reads and writes stay in flight together)."""
+    poller, by_fd = select.poll(), {}
+    for h in handles:
+        d = h.aio_get_direction()
+        ev = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | (select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0)
+        if ev:
+            fd = h.aio_get_fd()
+            poller.register(fd, ev)
+            by_fd[fd] = h
+    for fd, rev in poller.poll(1000):
+        h = by_fd[fd]
+        if rev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            h.aio_notify_read()
+        elif rev & select.POLLOUT:
+            h.aio_notify_write()
+
+
+def _is_zero(buf: bytearray, n: int) -> bool:
+    # bytes == bytes is a memcmp; a memoryview comparison would walk element by element
+    return buf == ZERO_REQUEST if n == len(buf) else buf[:n] == ZEROES[:n]
+
+
+def _pump(src: nbd.NBD, writer: Writer, t: _Tracker, *, fresh: bool, throttle: Throttle, depth: int) -> None:
+    """One connection's loop: up to ``depth`` buffers, each read (AIO) then written (AIO for NBD
+    targets, pwrite for files). Pieces finish in any order; the tracker keeps the offset exact."""
+    free = [bytearray(REQUEST) for _ in range(depth)]
+    reading: list[tuple[int, Extent, bytearray, int]] = []
+    writing: list[tuple[int, Extent, bytearray, int]] = []
+    dst = writer.h if isinstance(writer, NbdWriter) else None
+    handles = [src] if dst is None else [src, dst]
+    more = True
+    try:
+        while True:
+            while more and free and len(reading) + len(writing) < depth:
+                got = t.take()
+                if got is None:
+                    more = False
+                    break
+                seq, e = got
+                if e.zero:
+                    if fresh:
+                        t.finish(seq)
+                    else:
+                        throttle.acquire(0)
+                        writer.zero(e.start, e.length)
+                        t.finish(seq, zeroed=e.length)
+                    continue
+                buf = free.pop()
+                reading.append((seq, e, buf, src.aio_pread(nbd.Buffer.from_buffer(memoryview(buf)[: e.length]), e.start)))
+            if not reading and not writing:
+                if not more:
+                    break
+                continue
+            progressed = False
+            for item in [r for r in reading if src.aio_command_completed(r[3])]:
+                reading.remove(item)
+                progressed = True
+                seq, e, buf, _ = item
+                if _is_zero(buf, e.length):
+                    if fresh:
+                        t.finish(seq, read=e.length, skipped=e.length)
+                    else:
+                        writer.zero(e.start, e.length)
+                        t.finish(seq, read=e.length, zeroed=e.length)
+                    free.append(buf)
+                    continue
+                throttle.acquire(e.length)
+                data = memoryview(buf)[: e.length]
+                if dst is not None:
+                    writing.append((seq, e, buf, dst.aio_pwrite(nbd.Buffer.from_buffer(data), e.start)))
+                else:
+                    writer.write(e.start, data)
+                    t.finish(seq, read=e.length, written=e.length)
+                    free.append(buf)
+            for item in [w for w in writing if dst.aio_command_completed(w[3])] if dst is not None else []:
+                writing.remove(item)
+                progressed = True
+                seq, e, buf, _ = item
+                t.finish(seq, read=e.length, written=e.length)
+                free.append(buf)
+            if not progressed:
+                _wait(handles)
+        writer.flush()
+    except BaseException as exc:  # the first error stops every connection
+        with t.lock:
+            t.error = t.error or exc
+        t.stop.set()
+    finally:  # never free a buffer libnbd may still use
+        for h, items in ((src, reading), (dst, writing)):
+            for *_, cookie in items:
+                try:
+                    while not h.aio_command_completed(cookie):
+                        h.poll(-1)
+                except nbd.Error:
+                    pass
+
+
 def copy(
     src: nbd.NBD,
     plan: list[Extent],
@@ -175,79 +321,46 @@ def copy(
     should_stop: Callable[[], bool] = lambda: False,
     progress_interval: float = 0.5,
     depth: int = DEPTH,
+    more: list[tuple[nbd.NBD, Writer]] = (),
 ) -> CopyStats:
-    """Copy ``plan`` (extents in ascending order) from ``src`` to ``writer``."""
+    """Copy ``plan`` (extents in ascending order) from ``src`` to ``writer``; ``more`` adds
+    connections (source handle, writer) that share the work. Progress reports and ``should_stop``
+    run in the calling thread (the activity's own, so it can heartbeat)."""
     start = plan[0].start if plan else 0
-    end = plan[-1].end if plan else 0
-    stats = CopyStats(offset=start, end=end, started_from=start)
+    stats = CopyStats(offset=start, end=plan[-1].end if plan else 0, started_from=start)
     stats.data_bytes_total = sum(e.length for e in plan if not e.zero)
     throttle = throttle or Throttle()
-    pieces = iter(split(plan))
-    free = [bytearray(CHUNK) for _ in range(depth)]
-    inflight: deque[tuple[Extent, bytearray | None, int]] = deque()  # (extent, buffer, cookie)
-    last_report = 0.0
-
-    def issue() -> None:
-        while free and len(inflight) < 2 * depth:
-            e = next(pieces, None)
-            if e is None:
-                return
-            if e.zero:
-                inflight.append((e, None, 0))
-                continue
-            buf = free.pop()
-            cookie = src.aio_pread(nbd.Buffer.from_buffer(memoryview(buf)[: e.length]), e.start)
-            inflight.append((e, buf, cookie))
-
-    try:
-        issue()
-        while inflight:
-            e, buf, cookie = inflight[0]
-            if buf is not None:
-                while not src.aio_command_completed(cookie):
-                    src.poll(-1)
-            inflight.popleft()
-            if buf is None:
-                if not fresh:
-                    throttle.acquire(0)
-                    writer.zero(e.start, e.length)
-                    stats.zero_bytes_written += e.length
-            else:
-                stats.bytes_read += e.length
-                data = memoryview(buf)[: e.length]
-                if data == memoryview(ZEROES)[: e.length]:
-                    if fresh:
-                        stats.zero_bytes_skipped += e.length
-                    else:
-                        writer.zero(e.start, e.length)
-                        stats.zero_bytes_written += e.length
-                else:
-                    throttle.acquire(e.length)
-                    writer.write(e.start, data)
-                    stats.bytes_written += e.length
-                free.append(buf)
-            stats.offset = e.end
-            issue()
-            now = time.monotonic()
-            if now - last_report >= progress_interval:
-                last_report = now
-                on_progress(stats)
-                if should_stop():
-                    raise Stopped(f"stopped at offset {stats.offset}")
-    except nbd.Error as e:
-        raise TransientIOError(f"I/O error near offset {stats.offset}: {e.string or e}") from None
-    finally:
-        # drain reads still in flight so their buffers are not freed under libnbd
-        for _, buf, cookie in inflight:
-            if buf is not None:
-                try:
-                    while not src.aio_command_completed(cookie):
-                        src.poll(-1)
-                except nbd.Error:
-                    pass
-    writer.flush()
+    t = _Tracker(plan, stats)
+    conns = [(src, writer), *more]
+    per = max(2, depth // len(conns))
+    threads = [threading.Thread(target=_pump, args=(s, w, t), kwargs=dict(fresh=fresh, throttle=throttle, depth=per),
+                                name=f"xms-copy-{i}", daemon=True) for i, (s, w) in enumerate(conns)]
+    for th in threads:
+        th.start()
+    stopped = False
+    while any(th.is_alive() for th in threads):
+        _join_all(threads, progress_interval)
+        on_progress(stats)
+        if not stopped and should_stop():
+            stopped = True
+            t.stop.set()
+    for th in threads:
+        th.join()
+    if t.error is not None:
+        if isinstance(t.error, nbd.Error):
+            raise TransientIOError(f"I/O error near offset {stats.offset}: {t.error.string or t.error}") from None
+        raise t.error
+    if stopped and stats.offset < stats.end:
+        raise Stopped(f"stopped at offset {stats.offset}")
     on_progress(stats)
     return stats
+
+
+def _join_all(threads: list[threading.Thread], timeout: float) -> None:
+    """Wait until every thread has ended, or ``timeout`` has passed."""
+    deadline = time.monotonic() + timeout
+    for th in threads:
+        th.join(max(0.0, deadline - time.monotonic()))
 
 
 # --------------------------------------------------------------------------- checksums

@@ -218,17 +218,23 @@ class MigrationActivities:
                 with self.store.open_target(inp.volume_id) as target:
                     stats = copyengine.CopyStats(offset=disk.virtual_size, end=disk.virtual_size, started_from=start)
                     if todo:
-                        writer = copyengine.open_writer(target)
+                        conns = [(src, copyengine.open_writer(target))]
                         try:
+                            big = sum(e.length for e in todo if not e.zero) > 64 * copyengine.CHUNK
+                            for _ in range(copyengine.CONNECTIONS - 1 if big else 0):
+                                conns.append((view.connect(), copyengine.open_writer(target)))
                             stats = copyengine.copy(
-                                src, todo, writer, fresh=fresh,
+                                src, todo, conns[0][1], more=conns[1:], fresh=fresh,
                                 throttle=copyengine.Throttle(inp.qos.write_bytes_sec, inp.qos.write_iops_sec),
                                 on_progress=on_progress, should_stop=activity.is_cancelled,
                             )
                         except copyengine.Stopped as e:
                             raise CancelledError(str(e)) from None
                         finally:
-                            writer.close()
+                            for i, (h, w) in enumerate(conns):
+                                w.close()
+                                if i:
+                                    transport.close(h)
                     beat(offset=disk.virtual_size, stage="verify" if inp.verify else "copy")
                     sums = self._checksums(src, target, disk.virtual_size, beat) if inp.verify else None
                 if sums and not sums.match:  # inside the freeze: the generation is not committed

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bitmap", help="copy only the extents dirty in this bitmap (an incremental sync)")
     p.add_argument("--qos-bps", type=int, default=0)
     p.add_argument("--depth", type=int, default=copyengine.DEPTH)
+    p.add_argument("--connections", type=int, default=copyengine.CONNECTIONS)
     a = p.parse_args(argv)
     kind = "image" if a.src_image else "nbd"
     t0 = time.monotonic()
@@ -37,10 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     allocated = sum(e.length for e in plan if not e.zero)
     target = TargetEndpoint(kind="file", path=a.dst, size=size) if a.dst_file else TargetEndpoint(kind="nbd", uri=a.dst, size=size)
     writer = copyengine.open_writer(target)
-    stats = copyengine.copy(src, plan, writer, fresh=not a.bitmap, depth=a.depth,
+    more = [(transport.connect(a.src, kind, a.src_image or "raw", bitmap=a.bitmap), copyengine.open_writer(target))
+            for _ in range(a.connections - 1)]
+    stats = copyengine.copy(src, plan, writer, more=more, fresh=not a.bitmap, depth=a.depth,
                             throttle=copyengine.Throttle(a.qos_bps))
-    writer.close()
-    transport.close(src)
+    for h, w in [(src, writer), *more]:
+        w.close()
+        transport.close(h)
     elapsed = time.monotonic() - t0
     json.dump({
         "size": size, "allocated": allocated, "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written,

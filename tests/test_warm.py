@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,9 +99,14 @@ def test_warm_quiesced_qcow2(stack, tmp_path):
         assert xms_bitmaps(src) == [f"xms-{round_ + 1}"]
 
     qemu_io(src, "write -P 7 100M 1M")  # written after the last sync: only the final delta carries it
-    r = stack.cli("cutover", name, "--json")
-    assert r.returncode == 0, r.stderr + r.stdout
-    assert json.loads(r.stdout)["phase"] == "Completed"
+    # two cutover requests at once: one cutover runs, both get its answer
+    calls = [subprocess.Popen([sys.executable, "-m", "xms", "cutover", name, "--json"], env=stack.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    answers = [c.communicate(timeout=300) for c in calls]
+    assert all(c.returncode == 0 for c in calls), answers
+    results = [json.loads(out) for out, _ in answers]
+    assert [r["phase"] for r in results] == ["Completed", "Completed"]
+    assert results[0]["requested_at"] == results[1]["requested_at"] and results[0]["attempt"] == 1
     final, _ = raw_sha256(src, tmp_path)
     assert sha256_file(target, size) == final
     st = status(stack, name)

@@ -105,11 +105,15 @@ def test_warm_live_source_with_writes_during_syncs(stack, qsd):
 
 def test_worker_killed_during_incremental_sync(stack, tmp_path):
     size = 512 * MiB
-    src = make_disk(tmp_path / "k.qcow2", size, [(0, 8 * MiB)], fmt="qcow2", seed=83)
+    src = make_disk(tmp_path / "k.qcow2", size, [(0, 192 * MiB)], fmt="qcow2", seed=83)
     name = "warm-kill"
     r = stack.cli("migrate", name, "--disk", str(src), "--project", "kill", "--volume-type", "throttled-ssd",
                   "--mode", "warm", "--sync-interval", "1h", "--heartbeat-timeout", "4", "--no-snapshot")
     assert r.returncode == 0, r.stderr
+    # the full sync of 192 MiB at 48 MiB/s takes ~4 s: a cutover now is refused with its reason
+    early = stack.cli("cutover", name)
+    assert early.returncode != 0 and "cutover refused: migration is " in early.stderr
+    assert "allowed once it is Ready" in early.stderr and "Ready with" not in early.stderr
     wait_status(stack, name, lambda s: s["phase"] == "Ready", "Ready")
     qemu_io(src, "write -P 9 16M 400M")  # 400 MiB of changes: ~8 s at the type's 48 MiB/s
     expected, _ = raw_sha256(src, tmp_path)

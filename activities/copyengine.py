@@ -141,10 +141,11 @@ class CopyStats:
     zero_bytes_written: int = 0
     data_bytes_total: int = 0  # data bytes in [started_from, end)
     t0: float = field(default_factory=time.monotonic)
+    t1: float | None = None  # when the copy ended
 
     @property
     def elapsed(self) -> float:
-        return max(time.monotonic() - self.t0, 1e-9)
+        return max((self.t1 or time.monotonic()) - self.t0, 1e-9)
 
     @property
     def throughput(self) -> float:
@@ -352,8 +353,14 @@ def copy(
         raise t.error
     if stopped and stats.offset < stats.end:
         raise Stopped(f"stopped at offset {stats.offset}")
+    stats.t1 = time.monotonic()
     on_progress(stats)
     return stats
+
+
+def connections_for(data_bytes: int) -> int:
+    """Extra connections pay off only for larger copies (each may start a qemu-nbd)."""
+    return CONNECTIONS if data_bytes > 256 * MiB else 1
 
 
 def _join_all(threads: list[threading.Thread], timeout: float) -> None:

@@ -220,8 +220,7 @@ class MigrationActivities:
                     if todo:
                         conns = [(src, copyengine.open_writer(target))]
                         try:
-                            big = sum(e.length for e in todo if not e.zero) > 64 * copyengine.CHUNK
-                            for _ in range(copyengine.CONNECTIONS - 1 if big else 0):
+                            for _ in range(copyengine.connections_for(sum(e.length for e in todo if not e.zero)) - 1):
                                 conns.append((view.connect(), copyengine.open_writer(target)))
                             stats = copyengine.copy(
                                 src, todo, conns[0][1], more=conns[1:], fresh=fresh,

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bitmap", help="copy only the extents dirty in this bitmap (an incremental sync)")
     p.add_argument("--qos-bps", type=int, default=0)
     p.add_argument("--depth", type=int, default=copyengine.DEPTH)
-    p.add_argument("--connections", type=int, default=copyengine.CONNECTIONS)
+    p.add_argument("--connections", type=int, default=0, help="default: as the xms worker chooses")
     a = p.parse_args(argv)
     kind = "image" if a.src_image else "nbd"
     t0 = time.monotonic()
@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     allocated = sum(e.length for e in plan if not e.zero)
     target = TargetEndpoint(kind="file", path=a.dst, size=size) if a.dst_file else TargetEndpoint(kind="nbd", uri=a.dst, size=size)
     writer = copyengine.open_writer(target)
+    n = a.connections or copyengine.connections_for(allocated if not a.bitmap else sum(e.length for e in plan))
     more = [(transport.connect(a.src, kind, a.src_image or "raw", bitmap=a.bitmap), copyengine.open_writer(target))
-            for _ in range(a.connections - 1)]
+            for _ in range(n - 1)]
     stats = copyengine.copy(src, plan, writer, more=more, fresh=not a.bitmap, depth=a.depth,
                             throttle=copyengine.Throttle(a.qos_bps))
     for h, w in [(src, writer), *more]:

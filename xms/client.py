@@ -167,14 +167,18 @@ async def wait(client: Client, name: str) -> MigrationView:
     return await view(client, name)
 
 
-async def view(client: Client, name: str) -> MigrationView:
+async def _describe(client: Client, name: str):
     handle = client.get_workflow_handle(name)
     try:
-        desc = await handle.describe()
+        return handle, await handle.describe()
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
             raise NotFound(f"no migration named {name!r}; `xms list` shows them") from None
         raise
+
+
+async def view(client: Client, name: str) -> MigrationView:
+    handle, desc = await _describe(client, name)
     state: MigrationState = await handle.query(MigrationWorkflow.status)
     req = state.request
     disks = []
@@ -270,22 +274,14 @@ async def cutover(client: Client, name: str) -> CutoverResult:
 async def execution_status(client: Client, name: str) -> str | None:
     """Temporal's status of the latest run of migration ``name`` (RUNNING, COMPLETED, FAILED, …), or None."""
     try:
-        desc = await client.get_workflow_handle(name).describe()
-    except RPCError as e:
-        if e.status == RPCStatusCode.NOT_FOUND:
-            return None
-        raise
+        _, desc = await _describe(client, name)
+    except NotFound:
+        return None
     return desc.status.name if desc.status else None
 
 
 async def cancel(client: Client, name: str) -> None:
-    handle = client.get_workflow_handle(name)
-    try:
-        desc = await handle.describe()
-    except RPCError as e:
-        if e.status == RPCStatusCode.NOT_FOUND:
-            raise NotFound(f"no migration named {name!r}; `xms list` shows them") from None
-        raise
+    handle, desc = await _describe(client, name)
     if desc.status != WorkflowExecutionStatus.RUNNING:
         raise InvalidRequest(f"migration {name} is not running (status {desc.status.name}); nothing to cancel")
     await handle.cancel()

@@ -322,11 +322,6 @@ class MigrationActivities:
         _log(disk=inp.disk_index).info("snapshot", snapshot=s.id)
         return s
 
-    @activity.defn(name="release")
-    @_errors
-    def release(self, reservation_id: str) -> None:
-        self.store.release(reservation_id)
-
     @activity.defn(name="cleanup", no_thread_cancel_exception=True)
     @_errors
     def cleanup(self, inp: CleanupInput) -> None:
@@ -343,9 +338,19 @@ class MigrationActivities:
         self.store.release_migration(inp.migration)  # a reserve that committed after cancel
         _log().info("cleaned up", volumes_deleted=len(deleted), reservation=inp.reservation_id)
 
+    @activity.defn(name="resume_source", no_thread_cancel_exception=True)
+    @_errors
+    def resume_source(self, inp: TrackerInput) -> str:
+        """A cutover rolled back to Ready: let a live VM that PowerOffSource paused run again."""
+        if inp.disk.source_kind != "qmp" or inp.hook:
+            return "nothing to resume"
+        from activities.transport.live import live_disk
+
+        return live_disk(inp.disk.source, self.settings.run_dir).resume()
+
     def all(self) -> list[Callable]:
         return [self.validate, self.reserve, self.create_volume, self.copy_disk, self.stop_tracking,
-                self.power_off_source, self.finalize, self.snapshot, self.release, self.cleanup]
+                self.power_off_source, self.resume_source, self.finalize, self.snapshot, self.cleanup]
 
 
 def tracker_for(inp: CopyInput, settings: Settings) -> cbt.ChangeTracker:

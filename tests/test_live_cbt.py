@@ -367,3 +367,12 @@ def test_own_nbd_server(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_pause_and_resume_on_a_daemon_without_vcpus(qsd, tmp_path):
+    """PowerOffSource pauses a live VM (QMP stop) and a rolled-back cutover resumes it (cont);
+    qemu-storage-daemon has no vCPUs, so both say so instead of failing."""
+    disk = live(qsd, tmp_path)
+    assert "no vCPUs" in disk.pause()
+    assert "no vCPUs" in disk.resume()
+    assert disk.size() == SIZE  # still serving

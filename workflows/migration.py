@@ -344,6 +344,14 @@ class MigrationWorkflow:
             if is_cancelled_exception(e):
                 raise
             c.error, c.finished_at = f"cutover failed in {s.step}: {_reason(e, s.step)[0]}", workflow.now()
+            if c.power_off and not s.request.power_off_hook:  # a paused live VM runs again while Ready
+                for d in s.disks:
+                    try:
+                        await workflow.execute_activity(
+                            "resume_source", TrackerInput(migration=s.request.name, disk=d.plan),
+                            result_type=str, task_queue=s.host_queue, **SHORT)
+                    except ActivityError as e2:
+                        s.warnings = [*s.warnings, f"source not resumed: {_reason(e2, 'ResumeSource')[0]}"]
             s.reason, s.cutover, s.last_failed_cutover = c.error, None, c
             self._enter(Phase.READY, "Waiting")
             return False

@@ -322,3 +322,17 @@ class LiveDisk:
                 raise
 
         return self._run(go)
+
+    def resume(self) -> str:
+        """Undo ``pause`` (QMP ``cont``) when a cutover is rolled back to Ready."""
+
+        async def go(c: QMPClient) -> str:
+            try:
+                await c.execute("cont")
+                return f"resumed the VM behind {self.socket} (QMP cont)"
+            except ExecuteError as e:
+                if e.error_class == "CommandNotFound":
+                    return f"{self.socket} has no vCPUs to resume; nothing to do"
+                raise
+
+        return self._run(go)

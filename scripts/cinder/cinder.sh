@@ -247,7 +247,12 @@ start_rabbit() {
     wait_for 20 "epmd on $EPMD_PORT" bash -c "ss -Hltn 'sport = :$EPMD_PORT' | grep -q ."
     if ! alive rabbitmq rabbit; then need_port rabbitmq "$RABBIT_PORT"; need_port rabbitmq-dist "$RABBIT_DIST_PORT"; fi
     mkdir -p "$LOG/rabbitmq"
-    start rabbitmq rabbit /usr/lib/rabbitmq/bin/rabbitmq-server
+    # RUNNING_UNDER_SYSTEMD makes the script exec erl (no signal-forwarding /bin/sh wrapper, which
+    # was seen to vanish and leave beam.smp behind); beam.smp stops cleanly on SIGTERM.
+    RUNNING_UNDER_SYSTEMD=true start rabbitmq rabbit /usr/lib/rabbitmq/bin/rabbitmq-server
+    # The node registers with epmd only some seconds into its boot; rabbitmqctl fails at once
+    # before that, so wait for the AMQP listener (opened at the end of boot) first.
+    wait_for 120 "RabbitMQ on 127.0.0.1:$RABBIT_PORT" bash -c "ss -Hltn 'sport = :$RABBIT_PORT' | grep -q ."
     timeout 120 /usr/lib/rabbitmq/bin/rabbitmqctl -q -n "$RABBIT_NODE" await_startup --timeout 110 >/dev/null \
       || { tail -20 "$LOG/rabbitmq.out" >&2; die "RabbitMQ did not start"; }
   )

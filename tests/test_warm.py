@@ -168,3 +168,40 @@ def test_failed_cutover_returns_to_ready_and_unknown_hooks_are_refused(stack, tm
     assert stack.cli("cancel", name).returncode == 0
     wait_status(stack, name, lambda s: s["phase"] == "Cancelled", "Cancelled")
     assert xms_bitmaps(src) == []
+
+
+def test_warm_nbd_export_with_its_own_bitmap(stack, tmp_path):
+    """An NBD server that exports a dirty bitmap someone else manages (--bitmap NAME): every sync
+    copies what the bitmap marks (cumulative, xms cannot rotate it); the target follows the source."""
+    from tests.test_warm_live_faults import sha_nbd
+
+    img, sock = tmp_path / "e.qcow2", tmp_path / "e.sock"
+    make_disk(img, 64 * MiB, [(0, 8 * MiB)], fmt="qcow2", seed=66)
+    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "64K", str(img), "ext"], check=True)
+    server = subprocess.Popen(["qemu-nbd", "-t", "-f", "qcow2", "-B", "ext", "-k", str(sock), str(img)])
+    try:
+        wait_until(sock.exists, 30, "qemu-nbd socket")
+        uri = f"nbd+unix:///?socket={sock}"
+        r = stack.cli("migrate", "warm-nbd-nobitmap", "--disk", uri, "--project", "warm5", "--volume-type",
+                      "standard-ssd", "--mode", "warm")
+        assert r.returncode != 0 and "without a dirty bitmap" in r.stderr and "--bitmap NAME" in r.stderr
+        name = "warm-nbd-bitmap"
+        r = stack.cli("migrate", name, "--disk", uri, "--bitmap", "ext", "--project", "warm5", "--volume-type",
+                      "standard-ssd", "--mode", "warm", "--sync-interval", "1h", "--no-snapshot")
+        assert r.returncode == 0, r.stderr
+        st = wait_status(stack, name, lambda s: s["phase"] == "Ready", "Ready")
+        target = Path(stack.store().get_volume(st["disks"][0]["volume_id"]).path)
+        for i in (1, 2):
+            w = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {i + 40} {i * 16}M 1M",
+                                "-c", f"write -z {i}M 64k", uri], capture_output=True, text=True)
+            assert w.returncode == 0, w.stderr
+            assert stack.cli("sync-now", name).returncode == 0
+            st = wait_status(stack, name, lambda s, i=i: s["syncs_done"] == i and s["phase"] == "Ready", f"sync {i}")
+            assert sha256_file(target, 64 * MiB) == sha_nbd(uri)
+            assert st["last_sync"]["bytes_read"] <= i * (MiB + BLOCK)  # what the bitmap marks, no more
+        r = stack.cli("cutover", name)
+        assert r.returncode == 0, r.stderr
+        assert status(stack, name)["disks"][0]["match"] is True
+    finally:
+        server.terminate()
+        server.wait()

@@ -35,7 +35,7 @@ APT_PKGS=(rabbitmq-server mariadb-server mariadb-client nfs-common qemu-utils e2
 say() { printf 'cinder.sh: %s\n' "$*"; }
 die() { printf 'cinder.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 now() { date +%s.%N; }
-since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 share_of() { echo "127.0.0.1:/srv/xms-cinder-$1"; }          # the NFS "share" string of a backend
 mnt_of() { echo "$DIR/mnt/$(printf '%s' "$(share_of "$1")" | md5sum | cut -c1-32)"; }
@@ -52,15 +52,18 @@ alive() {
 start() {
   local name=$1 marker=$2; shift 2
   if alive "$name" "$marker"; then say "$name already running (pid $(pid_of "$name"))"; return 0; fi
+  stop "$name" "$marker"   # its leader died: end what is left of its group (e.g. orphaned workers)
   setsid "$@" >>"$LOG/$name.out" 2>&1 </dev/null &
   echo $! >"$RUN/$name.pid"
   say "started $name (pid $!)"
 }
-stop() {
-  local name=$1 pid i
-  pid=$(pid_of "$name")
+stop() {  # stop NAME MARKER: SIGTERM (then SIGKILL) the process group in NAME's pid file, if it is ours
+  local name=$1 marker=$2 pid i t0
+  pid=$(pid_of "$name"); t0=$(now)
   if [ -z "$pid" ]; then return 0; fi
-  if kill -0 "$pid" 2>/dev/null || pgrp_alive "$pid"; then
+  if pgrp_alive "$pid" && ! pgrp_ours "$pid" "$marker"; then
+    say "pid file of $name names process group $pid, which is not ours (stale after a reboot?): left alone"
+  elif pgrp_alive "$pid"; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do pgrp_alive "$pid" || break; sleep 0.2; done
     if pgrp_alive "$pid"; then
@@ -68,21 +71,32 @@ stop() {
       kill -KILL -- "-$pid" 2>/dev/null || true
       sleep 0.5
     fi
-    say "stopped $name (pid $pid)"
+    say "stopped $name (pid $pid) in $(since "$t0") s"
   fi
   rm -f "$RUN/$name.pid"
 }
-# is any process left in process group $1?
-pgrp_alive() { [ -n "$(ps -e -o pgid= | awk -v g="$1" '$1 == g' | head -1)" ]; }
+# is any process (zombies aside: our orphans are reaped by whoever PID 1 is) left in process group $1?
+pgrp_alive() { [ -n "$(ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/' | head -1)" ]; }
+pgrp_ours() {  # pgrp_ours PGID MARKER: some process of the group has MARKER in its command line
+  local p
+  for p in $(ps -e -o pid=,pgid= | awk -v g="$1" '$2 == g {print $1}'); do
+    grep -q -- "$2" "/proc/$p/cmdline" 2>/dev/null && return 0
+  done
+  return 1
+}
 
 port_free() {  # port_free PORT: nothing listens on 127.0.0.1:PORT (or on the wildcard)
   ! ss -Hltn "sport = :$1" | grep -q .
 }
 need_port() { port_free "$2" || die "port $2 (for $1) is taken by another process; set XMS_CINDER_*_PORT"; }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
-  local limit=$1 what=$2 t0; shift 2; t0=$(date +%s)
+wait_for() {  # [WATCH=name:marker] wait_for SECONDS DESCRIPTION CMD...   (fails early if WATCH died)
+  local limit=$1 what=$2 t0 watch=${WATCH:-}; shift 2; t0=$(date +%s)
   until "$@" >/dev/null 2>&1; do
+    if [ -n "$watch" ] && ! alive "${watch%%:*}" "${watch#*:}"; then
+      tail -25 "$LOG/${watch%%:*}.out" >&2 || true
+      die "${watch%%:*} died while waiting for $what (see $LOG/${watch%%:*}.*)"
+    fi
     (( $(date +%s) - t0 < limit )) || die "timed out after ${limit}s waiting for $what"
     sleep 0.5
   done
@@ -122,7 +136,7 @@ install_venv() {
   say "pip install -r scripts/cinder/requirements.txt into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/requirements.txt" >"$LOG/pip.log" 2>&1 \
     || { grep -v '^WARNING: Location' "$LOG/pip.log" | tail -20 >&2; die "pip install failed"; }
-  "$VENV/bin/python" -c 'import cinder, os_brick, openstack, pymysql' || die "the venv does not import cinder"
+  "$VENV/bin/python" -W ignore -c 'import cinder, os_brick, openstack, pymysql' || die "the venv does not import cinder"
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 }
@@ -151,17 +165,16 @@ periodic_interval = 10
 report_interval = 10
 # cinder runs as root here: oslo.concurrency never prefixes a root helper for root, and privsep
 # daemons are started directly by privsep-helper below (no sudo, no cinder-rootwrap).
-rootwrap_config = $DIR/rootwrap.conf
 use_multipath_for_image_xfer = false
+# the wheel installs these under <venv>/etc/cinder, not /etc/cinder
+api_paste_config = $VENV/etc/cinder/api-paste.ini
+resource_query_filters_file = $VENV/etc/cinder/resource_filters.json
 
 [database]
 connection = mysql+pymysql://cinder:cinder@127.0.0.1:$DB_PORT/cinder?charset=utf8mb4
 
 [oslo_concurrency]
 lock_path = $DIR/state/lock
-
-[oslo_messaging_rabbit]
-rabbit_ha_queues = false
 
 [coordination]
 backend_url = file://$DIR/state/coordination
@@ -252,7 +265,7 @@ start_rabbit() {
     RUNNING_UNDER_SYSTEMD=true start rabbitmq rabbit /usr/lib/rabbitmq/bin/rabbitmq-server
     # The node registers with epmd only some seconds into its boot; rabbitmqctl fails at once
     # before that, so wait for the AMQP listener (opened at the end of boot) first.
-    wait_for 120 "RabbitMQ on 127.0.0.1:$RABBIT_PORT" bash -c "ss -Hltn 'sport = :$RABBIT_PORT' | grep -q ."
+    WATCH=rabbitmq:rabbit wait_for 120 "RabbitMQ on 127.0.0.1:$RABBIT_PORT" bash -c "ss -Hltn 'sport = :$RABBIT_PORT' | grep -q ."
     timeout 120 /usr/lib/rabbitmq/bin/rabbitmqctl -q -n "$RABBIT_NODE" await_startup --timeout 110 >/dev/null \
       || { tail -20 "$LOG/rabbitmq.out" >&2; die "RabbitMQ did not start"; }
   )
@@ -273,7 +286,7 @@ start_mariadb() {
     --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve --log-error="$LOG/mariadb.err" \
     --innodb-buffer-pool-size=64M --innodb-log-file-size=48M --innodb-flush-log-at-trx-commit=2 \
     --max-connections=500 --character-set-server=utf8mb4 --collation-server=utf8mb4_general_ci
-  wait_for 60 "MariaDB" mariadb-admin --no-defaults --socket="$DIR/mysql/mysqld.sock" -uroot ping
+  WATCH=mariadb:mariadbd wait_for 60 "MariaDB" mariadb-admin --no-defaults --socket="$DIR/mysql/mysqld.sock" -uroot ping
   db -e "CREATE DATABASE IF NOT EXISTS cinder;
          CREATE USER IF NOT EXISTS 'cinder'@'127.0.0.1' IDENTIFIED BY 'cinder';
          CREATE USER IF NOT EXISTS 'cinder'@'localhost' IDENTIFIED BY 'cinder';
@@ -306,16 +319,18 @@ start_cinder() {
   start cinder-scheduler cinder-scheduler "$VENV/bin/cinder-scheduler" --config-file "$CONF"
   if ! alive cinder-api cinder-api; then need_port cinder-api "$API_PORT"; fi
   start cinder-api cinder-api "$VENV/bin/cinder-api" --config-file "$CONF"
-  wait_for 120 "cinder-api on 127.0.0.1:$API_PORT" \
+  WATCH=cinder-api:cinder-api wait_for 120 "cinder-api on 127.0.0.1:$API_PORT" \
     bash -c "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$API_PORT/ | grep -qE '^(200|300)$'"
 }
 
 write_clouds_yaml() {
   cat >"$DIR/clouds.yaml" <<EOF
 # Written by scripts/cinder/cinder.sh. Cinder runs with auth_strategy = noauth_include_project_id:
-# no Keystone; every request carries "X-Auth-Token: admin:<project>" (the user "admin" gets the admin
-# role); the endpoint is given directly. openstacksdk: use scripts/cinder/smoke.py's connect()
-# (a keystoneauth session with a token-endpoint plugin) - see README.md.
+# no Keystone; every request must carry "X-Auth-Token: admin:<project>" (user admin, always is_admin),
+# version discovery included, which keystoneauth sends unauthenticated. So after
+# openstack.connect(cloud="xms-dev") also set, before the first request:
+#   conn.session.additional_headers["X-Auth-Token"] = conn.config.config["auth"]["token"]
+# (scripts/cinder/xms_cinder_conn.py does this; see scripts/cinder/README.md).
 clouds:
   xms-dev:
     auth_type: admin_token
@@ -342,7 +357,7 @@ cmd_up() {
   t=$(now); start_cinder; say "cinder services: $(since "$t") s"
   write_clouds_yaml
   t=$(now)
-  XMS_CINDER_DIR=$DIR "$VENV/bin/python" "$HERE/bootstrap.py" --endpoint "http://127.0.0.1:$API_PORT" --project "$PROJECT" \
+  PYTHONDONTWRITEBYTECODE=1 XMS_CINDER_DIR=$DIR "$VENV/bin/python" "$HERE/bootstrap.py" --endpoint "http://127.0.0.1:$API_PORT" --project "$PROJECT" \
     || die "bootstrap failed"
   say "bootstrap: $(since "$t") s"
   say "up: ready in $(since "$T0") s"
@@ -350,23 +365,28 @@ cmd_up() {
 }
 
 cmd_smoke() {
-  XMS_CINDER_DIR=$DIR "$VENV/bin/python" "$HERE/smoke.py" --cloud xms-dev --clouds-yaml "$DIR/clouds.yaml" \
+  PYTHONDONTWRITEBYTECODE=1 XMS_CINDER_DIR=$DIR "$VENV/bin/python" "$HERE/smoke.py" --cloud xms-dev --clouds-yaml "$DIR/clouds.yaml" \
     || die "smoke test failed"
 }
 
 cmd_down() {
   local b mp
   # reverse order of start
-  for s in cinder-api cinder-scheduler cinder-volume; do stop "$s"; done
+  for s in cinder-api cinder-scheduler cinder-volume; do stop "$s" "$s"; done
+  local t0
+  t0=$(now)
   if alive mariadb mariadbd; then
     mariadb-admin --no-defaults --socket="$DIR/mysql/mysqld.sock" -uroot shutdown >/dev/null 2>&1 || true
   fi
-  stop mariadb
+  stop mariadb mariadbd
+  say "mariadb down in $(since "$t0") s"
+  t0=$(now)
   if alive rabbitmq rabbit; then
     ( rabbit_env; timeout 60 /usr/lib/rabbitmq/bin/rabbitmqctl -q -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true )
   fi
-  stop rabbitmq
-  stop epmd
+  stop rabbitmq rabbit
+  say "rabbitmq down in $(since "$t0") s"
+  stop epmd epmd
   for b in "${BACKENDS[@]}"; do
     mp=$(mnt_of "$b")
     if mountpoint -q "$mp" 2>/dev/null; then
@@ -379,7 +399,7 @@ cmd_down() {
 }
 
 cmd_status() {
-  local s marker pid rss any=0
+  local s marker pid rss any=0 total=0
   printf '%-17s %-8s %-10s %s\n' SERVICE PID RSS_MiB LISTEN
   for s in epmd:epmd rabbitmq:rabbit mariadb:mariadbd cinder-volume:cinder-volume cinder-scheduler:cinder-scheduler cinder-api:cinder-api; do
     marker=${s#*:}; s=${s%%:*}
@@ -389,12 +409,14 @@ cmd_status() {
       rss=$(ps -e -o pgid=,rss= | awk -v g="$pid" '$1 == g {t += $2} END {printf "%.0f", t/1024}')
       local pids ports
       pids=$(ps -e -o pid=,pgid= | awk -v g="$pid" '$2 == g {print $1}' | paste -sd'|')
-      ports=$(ss -Hltnp 2>/dev/null | grep -E "pid=($pids)," | awk '{print $4}' | sort -u | paste -sd' ')
+      ports=$(ss -Hltnp 2>/dev/null | grep -E "pid=($pids)," | awk '{print $4}' | sort -u | paste -sd' ' || true)
       printf '%-17s %-8s %-10s %s\n' "$s" "$pid" "$rss" "$ports"
+      total=$((total + rss))
     else
       printf '%-17s %-8s\n' "$s" "-"
     fi
   done
+  ((any)) && printf '%-17s %-8s %-10s\n' total "" "$total"
   local b mp
   for b in "${BACKENDS[@]}"; do
     mp=$(mnt_of "$b")

@@ -13,7 +13,6 @@ worker against one; and a volume type limited to 50 MiB/s. Prints a table and wr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random

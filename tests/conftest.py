@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +181,40 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
             return v
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Qsd:
+    proc: subprocess.Popen
+    qmp: Path
+    guest: Path  # the daemon's NBD server socket
+
+    @property
+    def guest_uri(self) -> str:
+        return f"nbd+unix:///guest?socket={self.guest}"
+
+
+@contextmanager
+def qemu_storage_daemon(img: Path, workdir: Path) -> Iterator[Qsd]:
+    """qemu-storage-daemon standing in for a running VM: the qcow2 ``img`` as node ``disk0``, QMP
+    for xms, and a writable NBD export ``guest`` (on the daemon's one NBD server) for a writer."""
+    qmp, guest, log = workdir / "qmp.sock", workdir / "guest.sock", workdir / "qsd.log"
+    proc = subprocess.Popen([
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=file0,filename={img}",
+        "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
+        "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0",
+        "--nbd-server", f"addr.type=unix,addr.path={guest}",
+        "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
+    ], stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    try:
+        wait_until(lambda: (qmp.is_socket() and guest.is_socket()) or proc.poll() is not None, 30,
+                   "qemu-storage-daemon", interval=0.05)
+        assert proc.poll() is None, log.read_text()
+        yield Qsd(proc, qmp, guest)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 __all__ = ["GiB", "MiB"]

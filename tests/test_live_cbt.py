@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import nbd
@@ -23,6 +22,7 @@ import pytest
 
 from activities.transport import nbd as transport
 from activities.transport.live import LiveDisk, parse_qmp_uri
+from tests.conftest import Qsd, qemu_storage_daemon
 from xms.errors import InvalidRequest, SourceUnreadable
 from xms.models import MiB
 
@@ -40,38 +40,14 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@dataclass
-class Qsd:
-    proc: subprocess.Popen
-    qmp: Path
-    guest: Path  # the daemon's NBD server socket
-
-    @property
-    def guest_uri(self) -> str:
-        return f"nbd+unix:///guest?socket={self.guest}"
-
-
 @pytest.fixture
 def qsd(tmp_path) -> Qsd:
-    img, qmp, guest = tmp_path / "disk.qcow2", tmp_path / "qmp.sock", tmp_path / "guest.sock"
+    img = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(SIZE)], check=True)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 24M", "-c", "write -P 0xa5 100M 8M", str(img)],
                    check=True, capture_output=True)
-    proc = subprocess.Popen([
-        "qemu-storage-daemon",
-        "--blockdev", f"driver=file,node-name=file0,filename={img}",
-        "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
-        "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0",
-        "--nbd-server", f"addr.type=unix,addr.path={guest}",
-        "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
-    ], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "qsd.log", "wb"))
-    try:
-        wait_until(lambda: qmp.is_socket() and guest.is_socket() or proc.poll() is not None, 30, "qemu-storage-daemon")
-        assert proc.poll() is None, (tmp_path / "qsd.log").read_text()
-        yield Qsd(proc, qmp, guest)
-    finally:
-        proc.kill()
-        proc.wait()
+    with qemu_storage_daemon(img, tmp_path) as q:
+        yield q
 
 
 def live(q: Qsd, tmp_path: Path) -> LiveDisk:

@@ -5,7 +5,6 @@ Temporal dev server SIGKILLed and restarted on the same database; `temporal work
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import nbd
 import pytest
 
 from activities.transport import nbd as transport
-from tests.conftest import MiB, raw_sha256, sha256_file, start_stack, wait_until
+from tests.conftest import MiB, qemu_storage_daemon, raw_sha256, sha256_file, start_stack
 from tests.test_warm import qemu_io, status, wait_status
 from xms.demo import make_disk
 
@@ -29,22 +28,10 @@ BLOCK = 64 * 1024
 def qsd(tmp_path):
     """qemu-storage-daemon serving a 128 MiB qcow2 node `disk0`: QMP for xms, and a writable
     NBD export `guest` on the same NBD server for the writer (the 'guest')."""
-    img, qmp, guest = tmp_path / "live.qcow2", tmp_path / "qmp.sock", tmp_path / "guest.sock"
+    img = tmp_path / "live.qcow2"
     make_disk(img, 128 * MiB, [(4 * MiB, 16 * MiB), (64 * MiB, 8 * MiB)], fmt="qcow2", seed=81)
-    log = open(tmp_path / "qsd.log", "wb")
-    proc = subprocess.Popen([
-        "qemu-storage-daemon",
-        "--blockdev", f"driver=file,node-name=file0,filename={img}",
-        "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
-        "--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0",
-        "--nbd-server", f"addr.type=unix,addr.path={guest}",
-        "--export", "type=nbd,id=guest,node-name=disk0,name=guest,writable=on",
-    ], stdout=subprocess.DEVNULL, stderr=log)
-    wait_until(lambda: (qmp.is_socket() and guest.is_socket()) or proc.poll() is not None, 30, "qemu-storage-daemon")
-    assert proc.poll() is None, (tmp_path / "qsd.log").read_text()
-    yield {"uri": f"qmp+unix://{qmp}?node=disk0&nbd-socket={guest}", "guest": f"nbd+unix:///guest?socket={guest}"}
-    proc.kill()
-    proc.wait()
+    with qemu_storage_daemon(img, tmp_path) as q:
+        yield {"uri": f"qmp+unix://{q.qmp}?node=disk0&nbd-socket={q.guest}", "guest": q.guest_uri}
 
 
 class Writer(threading.Thread):

@@ -133,7 +133,7 @@ async def _warm(c, settings: Settings, console: Console, demo_dir: Path, stamp: 
             cmds += ["-c", f"write -P {rng.randint(1, 255)} {rng.randrange(0, 480) * MiB} {rng.randint(1, 8) * MiB}"]
         cmds += ["-c", f"write -z {16 * MiB + i * 8 * MiB} {4 * MiB}"]
         subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(app)], check=True, capture_output=True)
-        console.print(f"the source changed (4 random writes, one zeroed region); sync-now …")
+        console.print("the source changed (4 random writes, one zeroed region); sync-now …")
         await xc.sync_now(c, name)
         v = await _until(c, name, lambda v, i=i: v.syncs_done == i and v.phase == Phase.READY, f"sync {i}")
         ls = v.last_sync
@@ -148,7 +148,7 @@ async def _warm(c, settings: Settings, console: Console, demo_dir: Path, stamp: 
 
 
 def show_result(v: xc.MigrationView, settings: Settings, console: Console) -> None:
-    console.print(f"\nphases: " + " → ".join(dict.fromkeys(f"{p}" for p, _, _ in v.history)))
+    console.print("\nphases: " + " → ".join(dict.fromkeys(f"{p}" for p, _, _ in v.history)))
     t = Table(title=f"{v.name}: {v.phase.value}", box=None)
     for col in ("disk", "source", "volume", "size", "data copied", "checksums match"):
         t.add_column(col)

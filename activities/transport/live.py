@@ -311,28 +311,20 @@ class LiveDisk:
         """PowerOffSource for a live VM: stop its vCPUs (QMP ``stop``), so the guest writes nothing
         after the final delta's freeze while the block layer stays readable. A
         qemu-storage-daemon has no vCPUs: its writers are outside QEMU, nothing to pause."""
-
-        async def go(c: QMPClient) -> str:
-            try:
-                await c.execute("stop")
-                return f"paused the VM behind {self.socket} (QMP stop)"
-            except ExecuteError as e:
-                if e.error_class == "CommandNotFound":
-                    return f"{self.socket} has no vCPUs to pause (qemu-storage-daemon); nothing to do"
-                raise
-
-        return self._run(go)
+        return self._vcpus("stop", "paused")
 
     def resume(self) -> str:
         """Undo ``pause`` (QMP ``cont``) when a cutover is rolled back to Ready."""
+        return self._vcpus("cont", "resumed")
 
+    def _vcpus(self, command: str, done: str) -> str:
         async def go(c: QMPClient) -> str:
             try:
-                await c.execute("cont")
-                return f"resumed the VM behind {self.socket} (QMP cont)"
+                await c.execute(command)
+                return f"{done} the VM behind {self.socket} (QMP {command})"
             except ExecuteError as e:
                 if e.error_class == "CommandNotFound":
-                    return f"{self.socket} has no vCPUs to resume; nothing to do"
+                    return f"{self.socket} has no vCPUs (qemu-storage-daemon); nothing {done}"
                 raise
 
         return self._run(go)

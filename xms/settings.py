@@ -7,7 +7,7 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,8 +22,15 @@ class Settings(BaseSettings):
     host_queue: str | None = None  # activities that touch this host's disks; default xms-host-<hostname>
     metrics_port: int = 9464
     ui_port: int = 8233
+    payload_key: SecretStr | None = None  # encrypts every Temporal payload (see xms/codec.py)
     log_format: str = "console"  # console | json
     log_level: str = "info"
+
+    @property
+    def data_converter(self):
+        from xms.codec import data_converter
+
+        return data_converter(self.payload_key.get_secret_value() if self.payload_key else None)
 
     @property
     def effective_host_queue(self) -> str:

@@ -181,9 +181,8 @@ class MigrationActivities:
             telemetry.BYTES_READ.labels(vt).inc(s.bytes_read - reported["read"])
             telemetry.BYTES_COPIED.labels(vt).inc(s.bytes_written - reported["written"])
             telemetry.COPY_THROUGHPUT.labels(inp.migration, str(disk.index)).set(s.throughput)
-            base = progress.bytes_copied - reported["read"]
             reported.update(read=s.bytes_read, written=s.bytes_written)
-            beat(offset=s.offset, bytes_copied=base + s.bytes_read, throughput=s.throughput, eta_s=s.eta_s)
+            beat(offset=s.offset, bytes_copied=copied_before + s.bytes_read, throughput=s.throughput, eta_s=s.eta_s)
 
         with tracker_for(inp, self.settings).freeze(g) as view:
             frozen_at = datetime.now(timezone.utc)
@@ -191,11 +190,12 @@ class MigrationActivities:
                 log.info("source re-frozen since the last attempt: starting this generation over")
                 prev = None
             start = prev.offset if prev else 0
+            copied_before = prev.bytes_copied if prev else 0
             # the volume reads as zeroes beyond `start` only for a first copy that was never
             # written, or one resumed within the same freeze (writes never pass the offset)
             fresh = g == 0 and (info.attempt == 1 or prev is not None)
             progress = progress.model_copy(update=dict(
-                offset=start, resumed_from=start, bytes_copied=prev.bytes_copied if prev else 0,
+                offset=start, resumed_from=start, bytes_copied=copied_before,
                 freeze_id=view.freeze_id if view else ""))
             if prev:
                 telemetry.RESUMES.inc()

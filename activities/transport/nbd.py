@@ -161,8 +161,11 @@ def dirty_extents(h: nbd.NBD, bitmap: str, end: int) -> Iterator[Extent]:
     ctx = dirty_context(bitmap)
     if not h.can_meta_context(ctx):
         raise SourceUnreadable(f"the source does not export dirty bitmap {bitmap!r}")
+    yield from _merged(_dirty_pieces(h, ctx, end))
+
+
+def _dirty_pieces(h: nbd.NBD, ctx: str, end: int) -> Iterator[Extent]:
     offset = 0
-    pending: Extent | None = None
     while offset < end:
         got = _status(h, offset, min(BLOCK_STATUS_WINDOW, end - offset))
         dirty, alloc = got.get(ctx), got.get("base:allocation")
@@ -176,13 +179,7 @@ def dirty_extents(h: nbd.NBD, bitmap: str, end: int) -> Iterator[Extent]:
         while pos < stop:
             nxt = min(d_end, a_end, stop)
             if dirty[di][1] & 1:
-                e = Extent(pos, nxt - pos, bool(alloc[ai][1] & STATE_ZERO))
-                if pending and pending.end == e.start and pending.zero == e.zero:
-                    pending = Extent(pending.start, pending.length + e.length, e.zero)
-                else:
-                    if pending:
-                        yield pending
-                    pending = e
+                yield Extent(pos, nxt - pos, bool(alloc[ai][1] & STATE_ZERO))
             pos = nxt
             if pos == d_end and di + 1 < len(dirty):
                 di += 1
@@ -191,8 +188,6 @@ def dirty_extents(h: nbd.NBD, bitmap: str, end: int) -> Iterator[Extent]:
                 ai += 1
                 a_end += alloc[ai][0]
         offset = stop
-    if pending:
-        yield pending
 
 
 def extents(h: nbd.NBD, start: int, end: int) -> Iterator[Extent]:
@@ -201,34 +196,33 @@ def extents(h: nbd.NBD, start: int, end: int) -> Iterator[Extent]:
         if end > start:
             yield Extent(start, end - start, False)
         return
-    pending: Extent | None = None
+    yield from _merged(_allocation(h, start, end))
+
+
+def _allocation(h: nbd.NBD, start: int, end: int) -> Iterator[Extent]:
     offset = start
     while offset < end:
-        got: list[tuple[int, int]] = []
-
-        def cb(ctx: str, off: int, entries: list[int], err: object) -> int:
-            if ctx == "base:allocation":
-                got.extend(zip(entries[0::2], entries[1::2]))
-            return 0
-
-        try:
-            h.block_status(min(BLOCK_STATUS_WINDOW, end - offset), offset, cb)
-        except nbd.Error as e:
-            raise TransientIOError(f"block status at {offset}: {e.string or e}") from None
+        got = _status(h, offset, min(BLOCK_STATUS_WINDOW, end - offset)).get("base:allocation")
         if not got:
             raise TransientIOError(f"block status at {offset}: server returned no extents")
         for length, flags in got:
             length = min(length, end - offset)
             if length <= 0:
                 break
-            zero = bool(flags & STATE_ZERO)
-            if pending and pending.zero == zero and pending.end == offset:
-                pending = Extent(pending.start, pending.length + length, zero)
-            else:
-                if pending:
-                    yield pending
-                pending = Extent(offset, length, zero)
+            yield Extent(offset, length, bool(flags & STATE_ZERO))
             offset += length
+
+
+def _merged(pieces: Iterator[Extent]) -> Iterator[Extent]:
+    """Adjacent pieces of the same kind joined into one extent."""
+    pending: Extent | None = None
+    for e in pieces:
+        if pending and pending.end == e.start and pending.zero == e.zero:
+            pending = Extent(pending.start, pending.length + e.length, e.zero)
+        else:
+            if pending:
+                yield pending
+            pending = e
     if pending:
         yield pending
 

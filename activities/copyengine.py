@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import os
 import select
@@ -25,13 +26,14 @@ import nbd
 
 from activities.transport.nbd import Extent
 from activities.transport.nbd import close as transport_close
-from xms.errors import TransientIOError
+from xms.errors import TargetOutOfSpace, TransientIOError
 from xms.models import MiB, TargetEndpoint
 
 CHUNK = 4 * MiB  # checksum chunk, and the largest request (QEMU's NBD server refuses > 32 MiB)
 REQUEST = 1 * MiB  # copy request size: smaller requests keep more of the target's writes in flight
 DEPTH = 32  # requests in flight, over all connections
 CONNECTIONS = 4
+DRAIN_TIMEOUT_S = 120.0  # after an error, how long a connection waits for its outstanding replies
 ZEROES = bytes(CHUNK)
 ZERO_REQUEST = bytes(REQUEST)
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -302,13 +304,20 @@ def _pump(src: nbd.NBD, writer: Writer, t: _Tracker, *, fresh: bool, throttle: T
             t.error = t.error or exc
         t.stop.set()
     finally:  # never free a buffer libnbd may still use
-        for h, items in ((src, reading), (dst, writing)):
-            for *_, cookie in items:
-                try:
-                    while not h.aio_command_completed(cookie):
-                        h.poll(-1)
-                except nbd.Error:
-                    pass
+        for h in (src, dst) if dst is not None else (src,):
+            _drain(h)
+
+
+def _drain(h: nbd.NBD, timeout: float = DRAIN_TIMEOUT_S) -> None:
+    """Wait (bounded) until no command of ``h`` awaits the server's reply. Not cookie by cookie:
+    aio_command_completed answers False for a cookie it already retired (a read that failed
+    while others were checked), and polling for that one would block forever."""
+    deadline = time.monotonic() + timeout
+    try:
+        while h.aio_in_flight() > 0 and time.monotonic() < deadline:
+            h.poll(1000)
+    except nbd.Error:
+        pass  # the connection is dead: nothing is in flight any more
 
 
 def copy(
@@ -348,6 +357,10 @@ def copy(
     for th in threads:
         th.join()
     if t.error is not None:
+        if _out_of_space(t.error):
+            raise TargetOutOfSpace(
+                f"the target ran out of space (No space left on device) writing near offset {stats.offset} of "
+                f"{stats.end}; free space on its backend or choose another volume type") from None
         if isinstance(t.error, nbd.Error):
             raise TransientIOError(f"I/O error near offset {stats.offset}: {t.error.string or t.error}") from None
         raise t.error
@@ -356,6 +369,12 @@ def copy(
     stats.t1 = time.monotonic()
     on_progress(stats)
     return stats
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """ENOSPC or EDQUOT from a file target (OSError) or an NBD target (nbd.Error carries errnum)."""
+    code = e.errnum if isinstance(e, nbd.Error) else getattr(e, "errno", None) if isinstance(e, OSError) else None
+    return code in (errno.ENOSPC, errno.EDQUOT)
 
 
 def connections_for(data_bytes: int) -> int:

@@ -58,6 +58,19 @@ class NotFound(XmsError):
     type = "NotFound"
 
 
+class ChangeTrackingLost(SourceUnreadable):
+    """A warm source's dirty bitmap is gone or inconsistent (removed, or left in-use by a writer
+    that crashed): the changes since the last sync cannot be known, so retrying cannot help."""
+
+    type = "ChangeTrackingLost"
+
+
+class TargetOutOfSpace(XmsError):
+    """The target's backend has no space left (ENOSPC/EDQUOT): permanent until someone frees space."""
+
+    type = "TargetOutOfSpace"
+
+
 class TransientIOError(XmsError):
     """A read or write that may succeed when tried again (connection reset, EIO from a flaky source)."""
 
@@ -65,8 +78,16 @@ class TransientIOError(XmsError):
     retryable = True
 
 
+class SourceUnreachable(TransientIOError):
+    """An NBD source that answered at admission cannot be connected to now (its server is down or
+    restarting): retried with backoff, so a server that comes back is resumed where it stopped."""
+
+    type = "SourceUnreachable"
+
+
 NON_RETRYABLE_TYPES = [
     cls.type
     for cls in (InvalidRequest, ConfigInvalid, UnknownVolumeType, InvalidAvailabilityZone,
-                QuotaExceeded, SourceUnreadable, SourceCannotTrack, DuplicateMigration, NotFound)
+                QuotaExceeded, SourceUnreadable, SourceCannotTrack, DuplicateMigration, NotFound,
+                ChangeTrackingLost, TargetOutOfSpace)
 ]

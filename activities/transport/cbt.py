@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from activities.transport import nbd as transport
-from xms.errors import SourceUnreadable, TransientIOError
+from xms.errors import ChangeTrackingLost, SourceUnreadable, TransientIOError
 
 PREFIX = "xms-"
 
@@ -40,7 +40,8 @@ class FrozenView:
     freeze_id: str = ""  # changes whenever the point in time is frozen anew (a resumed copy must match)
 
     def connect(self):
-        return transport.connect(self.location, self.kind, self.fmt, bitmap=self.bitmap)
+        # the source was readable at admission: a server that does not answer now is retried
+        return transport.connect(self.location, self.kind, self.fmt, bitmap=self.bitmap, retry_unreachable=True)
 
 
 class ChangeTracker(Protocol):
@@ -91,32 +92,60 @@ class QuiescedImage:
             raise SourceUnreadable(f"{self.path}: {msg}")
         return r.stdout
 
-    def bitmaps(self) -> dict[str, bool]:
-        """name -> enabled, for xms's bitmaps."""
+    def flags(self) -> dict[str, set[str]]:
+        """name -> qemu's flags ("auto": enabled, "in-use": inconsistent unless a writer has the
+        image open right now), for xms's bitmaps."""
         info = json.loads(self._img("info", "--output=json", "-U", self.path))
         found = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
-        return {b["name"]: "auto" in b.get("flags", []) for b in found if b["name"].startswith(PREFIX)}
+        return {b["name"]: set(b.get("flags", [])) for b in found if b["name"].startswith(PREFIX)}
+
+    def bitmaps(self) -> dict[str, bool]:
+        """name -> enabled, for xms's bitmaps."""
+        return {name: "auto" in f for name, f in self.flags().items()}
+
+    def _inconsistent(self, flags: dict[str, set[str]], names) -> list[str]:
+        """Those of ``names`` that qemu marks in-use while no process holds the image: a writer
+        died with the image open, so they miss its last writes. (A writer that holds the image
+        now makes the locking ``qemu-img info`` fail: TransientIOError, try again later.)"""
+        bad = sorted((n for n in names if "in-use" in flags.get(n, ())), key=_gen)
+        if bad:
+            self._img("info", "--output=json", self.path)  # takes the image lock
+        return bad
 
     def _bitmap(self, op: str, name: str, *extra: str) -> None:
         self._img("bitmap", op, *extra, self.path, name)
 
     @contextmanager
     def freeze(self, generation: int) -> Iterator[FrozenView | None]:
-        have = self.bitmaps()
+        flags = self.flags()
+        have = {name: "auto" in f for name, f in flags.items()}
         cur, nxt = bitmap_name(generation), bitmap_name(generation + 1)
         if generation == 0:
+            if nxt in have and self._inconsistent(flags, [nxt]):
+                self._bitmap("--remove", nxt)  # the full sync reads everything: start tracking afresh
+                del have[nxt]
             if nxt not in have:
                 self._bitmap("--add", nxt, "-g", "64K")
             yield FrozenView(self.path, "image", "qcow2", None, 0)
             return
         older = sorted((b for b in have if _gen(b) < generation), key=_gen)
+        if bad := self._inconsistent(flags, [cur, *older]):
+            raise ChangeTrackingLost(
+                f"{self.path}: dirty bitmap {', '.join(bad)} is inconsistent (a writer stopped without closing the "
+                "image, so its last writes are not recorded); the changes since the last sync cannot be known; "
+                "a full sync is needed")
+        if cur in have and not have[cur] and nxt not in have:
+            raise ChangeTrackingLost(
+                f"{self.path}: dirty bitmap {nxt}, which records the changes since sync {generation} froze, was "
+                "removed; the changes since then cannot be known; a full sync is needed")
         if cur not in have:
             if nxt in have:
                 yield None  # committed by an earlier attempt
                 return
             if not older:
-                raise SourceUnreadable(
-                    f"{self.path}: no xms dirty bitmap is left (change tracking was reset); a full sync is needed"
+                raise ChangeTrackingLost(
+                    f"{self.path}: no xms dirty bitmap is left (change tracking was reset or its bitmap {cur} "
+                    "removed); the changes since the last sync cannot be known; a full sync is needed"
                 )
             # earlier generations never rotated (they failed before freezing): their bitmap
             # still records, and carries on as this generation's

@@ -6,6 +6,7 @@ activation: no socket file, and qemu-nbd exits when the handle closes (or its pa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from typing import Literal
 
 import nbd
 
-from xms.errors import InvalidRequest, SourceUnreadable, TransientIOError
+from xms.errors import ChangeTrackingLost, InvalidRequest, SourceUnreachable, SourceUnreadable, TransientIOError
 
 NBD_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
 SOURCE_FORMS = ("nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, qmp+unix:///PATH?node=NODE (live, warm), "
@@ -25,6 +26,9 @@ SOURCE_FORMS = ("nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, qmp+u
 BLOCK_STATUS_WINDOW = 1 << 30  # servers may refuse >= 4 GiB; qemu caps at 1 GiB anyway
 STATE_HOLE = 1
 STATE_ZERO = 2
+# connect() errors that mean "no server is answering there now", not "this is not a valid source"
+UNREACHABLE = {errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+               errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE, errno.ESHUTDOWN}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +91,12 @@ def connect(
     meta_contexts: tuple[str, ...] = ("base:allocation",),
     writable: bool = False,
     bitmap: str | None = None,
+    retry_unreachable: bool = False,
 ) -> nbd.NBD:
     """A connected libnbd handle. Connection failures become SourceUnreadable (one line).
-    With ``bitmap``, the export also offers ``qemu:dirty-bitmap:<bitmap>``."""
+    With ``bitmap``, the export also offers ``qemu:dirty-bitmap:<bitmap>``. With
+    ``retry_unreachable`` (a copy of a source that was admitted), an NBD server that does not
+    answer is SourceUnreachable, which is retried: it may be restarting."""
     h = nbd.NBD()
     for ctx in (*meta_contexts, *([dirty_context(bitmap)] if bitmap else [])):
         h.add_meta_context(ctx)
@@ -104,6 +111,8 @@ def connect(
                 argv += ["-B", bitmap]
             h.connect_systemd_socket_activation([*argv, "--", location])
     except nbd.Error as e:
+        if retry_unreachable and kind == "nbd" and e.errnum in UNREACHABLE:
+            raise SourceUnreachable(f"cannot reach source {location}: {e.string or e}") from None
         raise SourceUnreadable(f"cannot open {location}: {e.string or e}") from None
     return h
 
@@ -160,7 +169,8 @@ def dirty_extents(h: nbd.NBD, bitmap: str, end: int) -> Iterator[Extent]:
     zeroes (so it is written as zeroes, not read). Clean regions are left out."""
     ctx = dirty_context(bitmap)
     if not h.can_meta_context(ctx):
-        raise SourceUnreadable(f"the source does not export dirty bitmap {bitmap!r}")
+        raise ChangeTrackingLost(f"the source no longer exports dirty bitmap {bitmap!r}: the changes since "
+                                 "the last sync cannot be known; a new full sync is needed")
     yield from _merged(_dirty_pieces(h, ctx, end))
 
 

@@ -7,8 +7,10 @@ non-retryable.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +81,34 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+BEAT_EVERY_S = 2.0
+
+
+def _beating(fn: F) -> F:
+    """Heartbeat from a side thread while a blocking step runs (a Cinder create waiting for
+    "available"), so a worker that dies mid-step is noticed after the heartbeat timeout, not
+    after the start-to-close timeout. Not for copy_disk: its heartbeats carry the resume offset."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        done = threading.Event()
+        ctx = contextvars.copy_context()
+
+        def beat() -> None:
+            while not done.wait(BEAT_EVERY_S):
+                activity.heartbeat()
+
+        t = threading.Thread(target=ctx.run, args=(beat,), daemon=True)
+        t.start()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            done.set()
+            t.join()
+
+    return wrapper  # type: ignore[return-value]
+
+
 class MigrationActivities:
     def __init__(self, settings: Settings, store: BlockStorage):
         self.settings = settings
@@ -90,6 +120,12 @@ class MigrationActivities:
     @activity.defn(name="validate")
     @_errors
     def validate(self, req: MigrationRequest) -> ValidationResult:
+        mine = (self.settings.target, self.settings.cloud if self.settings.target == "openstack" else None)
+        if (req.target, req.cloud if req.target == "openstack" else None) != mine:
+            raise InvalidRequest(
+                f"this request is for target {req.target}{f' (cloud {req.cloud})' if req.cloud else ''}, "
+                f"but the workers serve {mine[0]}{f' (cloud {mine[1]})' if mine[1] else ''}; "
+                "submit with the same XMS_TARGET / OS_CLOUD as the workers")
         vt = self.store.get_volume_type(req.volume_type)
         if req.availability_zone and req.availability_zone != vt.availability_zone:
             raise InvalidAvailabilityZone(
@@ -128,6 +164,7 @@ class MigrationActivities:
 
     @activity.defn(name="reserve")
     @_errors
+    @_beating
     def reserve(self, inp: ReserveInput) -> Reservation:
         kept = self.store.list_volumes(migration=inp.migration)
         if kept:
@@ -135,12 +172,13 @@ class MigrationActivities:
                 f"volumes kept from an earlier failed run of {inp.migration} still exist "
                 f"({', '.join(v.id for v in kept)}); delete them with `xms cleanup {inp.migration}` or choose another name"
             )
-        r = self.store.reserve(inp.project, inp.migration, inp.volume_type, inp.sizes_gib)
+        r = self.store.reserve(inp.project, inp.migration, inp.volume_type, inp.sizes_gib, snapshots=inp.snapshots)
         _log().info("reserved", reservation=r.id, gigabytes=r.gigabytes, volumes=r.volumes)
         return r
 
     @activity.defn(name="create_volume")
     @_errors
+    @_beating
     def create_volume(self, inp: CreateVolumeInput) -> VolumeRef:
         v = self.store.create_volume(
             reservation_id=inp.reservation_id, migration=inp.migration, disk_index=inp.disk.index,
@@ -305,9 +343,11 @@ class MigrationActivities:
 
     @activity.defn(name="finalize")
     @_errors
+    @_beating
     def finalize(self, inp: FinalizeInput) -> InstanceRef:
         for i, vid in enumerate(inp.volume_ids):
-            self.store.update_metadata(vid, inp.metadata)
+            per_disk = inp.disk_metadata[i] if i < len(inp.disk_metadata) else {}
+            self.store.update_metadata(vid, {**inp.metadata, **per_disk})
             self.store.set_bootable(vid, i == 0)
         inst = self.store.ensure_instance(inp.migration, inp.project)
         for i, vid in enumerate(inp.volume_ids):
@@ -317,9 +357,14 @@ class MigrationActivities:
 
     @activity.defn(name="snapshot")
     @_errors
+    @_beating
     def snapshot(self, inp: SnapshotInput) -> SnapshotRef:
-        s = self.store.create_snapshot(inp.volume_id, f"{inp.migration}-disk{inp.disk_index}-post-migration")
-        _log(disk=inp.disk_index).info("snapshot", snapshot=s.id)
+        name = f"{inp.migration}-disk{inp.disk_index}-post-migration"
+        s = self.store.create_snapshot(inp.volume_id, name)
+        backup = getattr(self.store, "create_backup", None)
+        if backup is not None:  # openstack: a backup through the backup API where the cloud has one
+            s.backup = backup(inp.volume_id, name)
+        _log(disk=inp.disk_index).info("snapshot", snapshot=s.id, backup=s.backup or None)
         return s
 
     @activity.defn(name="cleanup", no_thread_cancel_exception=True)

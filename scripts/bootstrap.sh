@@ -37,7 +37,7 @@ echo "$PWD/$shim" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.ge
 stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: installing xms and its pinned dependencies into .venv"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,openstack]' 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -c 'import xms, temporalio' || { echo "bootstrap: pip install failed" >&2; exit 1; }
   touch "$stamp"
 fi

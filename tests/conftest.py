@@ -67,6 +67,7 @@ class Stack:
         return Settings(_env_file=None, **{
             "data_dir": self.data_dir, "config": self.env["XMS_CONFIG"],
             "temporal_address": self.server.address, "host_queue": self.env["XMS_HOST_QUEUE"],
+            "target": self.env.get("XMS_TARGET", "local"), "cloud": self.env.get("OS_CLOUD"),
         })
 
     def start_worker(self) -> subprocess.Popen:
@@ -97,12 +98,12 @@ class Stack:
                               capture_output=True, text=True, timeout=timeout)
 
     def store(self):
-        from activities.blockstorage.local import open_local_store
+        from activities.blockstorage import open_store
 
-        return open_local_store(self.settings)
+        return open_store(self.settings)
 
 
-def start_stack(data: Path) -> Stack:
+def start_stack(data: Path, extra_env: dict[str, str] | None = None) -> Stack:
     """A dev server on free ports with its database in ``data``, and a worker process."""
     data.mkdir(parents=True, exist_ok=True)
     cfg = write_test_config(data / "config.yaml")
@@ -112,7 +113,7 @@ def start_stack(data: Path) -> Stack:
         **os.environ, "XMS_DATA_DIR": str(data), "XMS_CONFIG": str(cfg),
         "XMS_TEMPORAL_ADDRESS": server.address, "XMS_UI_PORT": str(server.ui_port),
         "XMS_HOST_QUEUE": f"xms-host-test-{os.getpid()}", "XMS_LOG_FORMAT": "json",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(ROOT), **(extra_env or {}),
     }
     st = Stack(data_dir=data, env=env, server=server)
     st.start_worker()
@@ -132,6 +133,78 @@ async def client(stack):
     from xms.client import connect
 
     return await connect(stack.settings)
+
+
+# ------------------------------------------------------------------------------ a real Cinder
+
+CINDER_SH = ROOT / "scripts/cinder/cinder.sh"
+CINDER_PROJECT = "0123456789abcdef0123456789abcdef"
+
+
+@dataclass
+class Cinder:
+    clouds_yaml: Path
+    cloud: str
+    secret: str  # the user part of the noauth token: what must never reach history or logs
+    project: str = CINDER_PROJECT
+
+
+@pytest.fixture(scope="session")
+def cinder(tmp_path_factory) -> Iterator[Cinder]:
+    """The real Cinder of scripts/cinder/cinder.sh (RabbitMQ, MariaDB, cinder-api/-scheduler/-volume,
+    NFS driver on loop-mounted ext4). Started for the session and stopped after it, unless a
+    developer already had it running."""
+    was_running = subprocess.run([str(CINDER_SH), "status"], capture_output=True).returncode == 0
+    r = subprocess.run([str(CINDER_SH), "up"], capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, f"cinder.sh up failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    d = tmp_path_factory.mktemp("cinder-client")
+    secret = "xms-secret-" + os.urandom(8).hex()
+    url = f"http://127.0.0.1:{os.environ.get('XMS_CINDER_API_PORT', '8776')}/v3/{CINDER_PROJECT}"
+    clouds = d / "clouds.yaml"
+    clouds.write_text(yaml.safe_dump({"clouds": {"xms-test": {
+        "auth_type": "admin_token", "auth": {"endpoint": url, "token": f"{secret}:{CINDER_PROJECT}"},
+        "block_storage_endpoint_override": url, "block_storage_api_version": "3",
+    }}}))
+    os.chmod(clouds, 0o600)
+    os.environ["OS_CLIENT_CONFIG_FILE"] = str(clouds)
+    try:
+        yield Cinder(clouds_yaml=clouds, cloud="xms-test", secret=secret)
+    finally:
+        if not was_running:
+            subprocess.run([str(CINDER_SH), "down"], capture_output=True, timeout=300)
+
+
+# ------------------------------------------------------------------------------ history
+
+
+def workflow_show(stack: "Stack", workflow_id: str) -> str:
+    """``temporal workflow show -o json`` with every payload's base64 ``data`` decoded next to it,
+    so a check for a string finds it whether the CLI printed a payload in clear or in base64."""
+    import base64
+    import json as _json
+    import shutil
+    import sysconfig
+
+    temporal = shutil.which("temporal", path=sysconfig.get_path("scripts"))
+    raw = subprocess.run([temporal, "workflow", "show", "--address", stack.server.address, "-w", workflow_id,
+                          "-o", "json"], capture_output=True, text=True, timeout=120, check=True).stdout
+    decoded = []
+
+    def walk(x) -> None:
+        if isinstance(x, dict):
+            if isinstance(x.get("data"), str):
+                try:
+                    decoded.append(base64.b64decode(x["data"], validate=True).decode("utf-8", "replace"))
+                except ValueError:
+                    pass
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(_json.loads(raw))
+    return raw + "\n" + "\n".join(decoded)
 
 
 # ------------------------------------------------------------------------------ disks and hashes

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sysconfig
 
 import pytest
 
-from tests.conftest import MiB, start_stack
+from tests.conftest import MiB, start_stack, workflow_show
 from xms.demo import make_disk
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,9 +26,7 @@ def test_history_is_ciphertext_with_a_payload_key(tmp_path, monkeypatch):
         view = json.loads(r.stdout)
         assert view["phase"] == "Completed" and view["disks"][0]["match"]  # xms reads its own payloads
         volume_id = view["disks"][0]["volume_id"]
-        temporal = shutil.which("temporal", path=sysconfig.get_path("scripts"))
-        raw = subprocess.run([temporal, "workflow", "show", "--address", st.server.address, "-w", name, "-o", "json"],
-                             capture_output=True, text=True, check=True).stdout
+        raw = workflow_show(st, name)  # payloads decoded from base64 too
         assert "YmluYXJ5L2VuY3J5cHRlZA" in raw  # base64 of the codec's "binary/encrypted" encoding
         for secret in (str(src), "secret-source-path", "secretproject", volume_id):
             assert secret not in raw, f"{secret} is in clear in the history"
@@ -43,3 +38,13 @@ def test_history_is_ciphertext_with_a_payload_key(tmp_path, monkeypatch):
     finally:
         st.stop_worker()
         st.server.stop()
+
+
+def test_history_is_clear_without_a_key(stack, tmp_path):
+    """The control: without XMS_PAYLOAD_KEY the same check does find the path (so it can fail)."""
+    src = make_disk(tmp_path / "clear-source-path.raw", 16 * MiB, [(0, MiB)], seed=92)
+    r = stack.cli("migrate", "codec-clear", "--disk", str(src), "--project", "clearproject", "--volume-type",
+                  "standard-ssd", "--no-snapshot", "--wait")
+    assert r.returncode == 0, r.stderr
+    text = workflow_show(stack, "codec-clear")
+    assert str(src) in text and "clearproject" in text

@@ -191,11 +191,12 @@ class MigrationWorkflow:
         r: Reservation = await workflow.execute_activity(
             "reserve",
             ReserveInput(migration=s.request.name, project=s.request.project, volume_type=v.volume_type.name,
-                         sizes_gib=[d.volume_size_gib for d in v.disks]),
+                         sizes_gib=[d.volume_size_gib for d in v.disks], snapshots=s.request.snapshot),
             result_type=Reservation, task_queue=s.host_queue, **SHORT,
         )
         s.reservation_id = r.id
-        s.admitted = True
+        if not r.held_by_volumes:
+            s.admitted = True  # else (Cinder) admission waits until every volume exists
 
     async def _create_volumes(self) -> None:
         s = self.s
@@ -207,12 +208,14 @@ class MigrationWorkflow:
                 CreateVolumeInput(migration=s.request.name, project=s.request.project,
                                   reservation_id=s.reservation_id, disk=d.plan,
                                   volume_type=s.volume_type.name, availability_zone=s.availability_zone),
-                result_type=VolumeRef, task_queue=s.host_queue, **SHORT,
+                result_type=VolumeRef, task_queue=s.host_queue,
+                heartbeat_timeout=timedelta(seconds=s.request.heartbeat_timeout_s), **SHORT,
             )
             d.volume_id = v.id
 
         await _gather(one(d) for d in s.disks)
         s.volume_count = len(s.disks)
+        s.admitted = True
 
     # ------------------------------------------------------------------ data
 
@@ -372,6 +375,7 @@ class MigrationWorkflow:
                 volume_ids=[d.volume_id for d in s.disks],
                 metadata={"xms.migrated_at": workflow.now().isoformat(), "xms.mode": s.request.mode,
                           "xms.syncs": str(s.syncs_done)},
+                disk_metadata=[_disk_metadata(d) for d in s.disks],
             ),
             result_type=InstanceRef, task_queue=s.host_queue, **SHORT,
         )
@@ -386,7 +390,7 @@ class MigrationWorkflow:
                     start_to_close_timeout=timedelta(hours=2), retry_policy=SHORT["retry_policy"],
                     cancellation_type=SHORT["cancellation_type"],
                 )
-                d.snapshot_id = snap.id
+                d.snapshot_id, d.backup = snap.id, snap.backup or None
 
             await _gather(one(d) for d in s.disks)
 
@@ -444,6 +448,16 @@ async def _gather(coros) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _disk_metadata(d: DiskState) -> dict[str, str]:
+    m = {"xms.source": d.source}
+    last = d.last_sync or d.copy_result
+    if last and last.frozen_at:
+        m["xms.last_sync"] = last.frozen_at.isoformat()  # the point in time the volume reproduces
+    if d.checksums:
+        m["xms.checksum"] = f"{d.checksums.algorithm}:{d.checksums.target}"
+    return m
 
 
 def _reason(e: BaseException, step: str) -> tuple[str, str]:

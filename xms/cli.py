@@ -139,7 +139,8 @@ async def migrate(name, disks, project, volume_type, az, mode, sync_interval, cu
                            availability_zone=az, mode=mode, snapshot=not no_snapshot,
                            keep_on_failure=keep_on_failure, heartbeat_timeout_s=heartbeat_timeout,
                            sync_interval_s=parse_duration(sync_interval), cutover_at=cutover_at, bitmap=bitmap,
-                           power_off_hook=power_off_hook)
+                           power_off_hook=power_off_hook, target=s.target,
+                           cloud=s.cloud if s.target == "openstack" else None)
     c = await xc.connect(s)
     adm = await xc.submit(c, s, req)
     if not wait:
@@ -251,7 +252,8 @@ def _progress(d: xc.DiskView) -> str:
 
 def render_status(v: xc.MigrationView) -> None:
     out.print(f"[bold]{v.name}[/bold]  phase [bold]{v.phase.value}[/bold] ({v.step})  status {v.status}  "
-              f"mode {v.mode}  project {v.project}  type {v.volume_type}  az {v.availability_zone or '-'}")
+              f"mode {v.mode}  target {v.target}  project {v.project}  type {v.volume_type}  "
+              f"az {v.availability_zone or '-'}")
     if v.reason:
         out.print(f"reason: {v.reason}", markup=False)
     for w in v.warnings:

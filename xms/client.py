@@ -65,6 +65,7 @@ class DiskView(Model):
     target_sha256: str | None = None
     match: bool | None = None
     snapshot_id: str | None = None
+    backup: str | None = None
 
 
 class MigrationView(Model):
@@ -77,6 +78,7 @@ class MigrationView(Model):
     volume_type: str
     availability_zone: str | None = None
     mode: str
+    target: str = "local"  # local | openstack (cloud name)
     instance_id: str | None = None
     disks: list[DiskView]
     started_at: str | None = None
@@ -191,7 +193,8 @@ async def view(client: Client, name: str) -> MigrationView:
             "verifying" if p.stage == "verify" else "copying")
         live[p.disk_index] = (p, st)
     for d in state.disks:
-        v = DiskView(index=d.index, source=d.source, volume_id=d.volume_id, snapshot_id=d.snapshot_id)
+        v = DiskView(index=d.index, source=d.source, volume_id=d.volume_id, snapshot_id=d.snapshot_id,
+                     backup=d.backup)
         if d.plan:
             v.virtual_size, v.volume_size_gib = d.plan.virtual_size, d.plan.volume_size_gib
         if d.copy_result:
@@ -217,6 +220,7 @@ async def view(client: Client, name: str) -> MigrationView:
     return MigrationView(
         name=name, status=desc.status.name if desc.status else "UNKNOWN", phase=state.phase, step=state.step,
         reason=state.reason, project=req.project, volume_type=req.volume_type,
+        target=req.target if not req.cloud else f"{req.target} ({req.cloud})",
         availability_zone=state.availability_zone, mode=req.mode, instance_id=state.instance_id, disks=disks,
         started_at=state.started_at.isoformat() if state.started_at else None,
         finished_at=state.finished_at.isoformat() if state.finished_at else None,

@@ -80,6 +80,7 @@ class SnapshotRef(Model):
     size_gib: int
     status: str
     path: str = ""
+    backup: str = ""  # openstack: the backup made next to the snapshot, or why there is none
 
 
 class InstanceRef(Model):
@@ -106,6 +107,9 @@ class Reservation(Model):
     volume_type: str
     volumes: int
     gigabytes: int
+    # True where the adapter has no reservations of its own (Cinder): the footprint is held by
+    # creating every volume, so admission completes only once all of them exist
+    held_by_volumes: bool = False
 
 
 # --------------------------------------------------------------------------- migration contract
@@ -143,6 +147,10 @@ class MigrationRequest(Model):
     syncs_per_run: int = Field(200, ge=1, le=2000)  # continue-as-new after this many syncs
     # activity knobs, kept small so tests and operators can tune them
     heartbeat_timeout_s: int = Field(30, ge=2, le=3600)
+    # where the volumes go: the worker's adapter and, for openstack, the clouds.yaml entry by name
+    # (never credentials). The worker refuses a request meant for another target.
+    target: Literal["local", "openstack"] = "local"
+    cloud: str | None = Field(None, max_length=255)
 
     @field_validator("name", "project")
     @classmethod
@@ -264,6 +272,7 @@ class DiskState(Model):
     synced_bytes: int = 0  # bytes read by all incremental syncs
     checksums: Checksums | None = None
     snapshot_id: str | None = None
+    backup: str | None = None  # openstack: the post-migration backup, or why there is none
 
 
 class SyncRecord(Model):
@@ -380,6 +389,7 @@ class FinalizeInput(Model):
     project: str
     volume_ids: list[str]  # in disk order; the first is the boot volume
     metadata: dict[str, str] = {}
+    disk_metadata: list[dict[str, str]] = []  # per volume, same order: source, last sync, checksum
 
 
 class SnapshotInput(Model):
@@ -393,6 +403,7 @@ class ReserveInput(Model):
     project: str
     volume_type: str
     sizes_gib: list[int]
+    snapshots: bool = False  # a post-migration snapshot of each volume follows (Cinder counts its gigabytes)
 
 
 class CreateVolumeInput(Model):

@@ -6,6 +6,7 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +23,10 @@ class Settings(BaseSettings):
     host_queue: str | None = None  # activities that touch this host's disks; default xms-host-<hostname>
     metrics_port: int = 9464
     ui_port: int = 8233
+    target: Literal["local", "openstack"] = "local"  # which block-storage adapter the worker uses
+    # openstack: the clouds.yaml entry (openstacksdk's convention; default $OS_CLOUD). Only this
+    # name travels in requests and history; credentials stay in clouds.yaml on the worker host.
+    cloud: str | None = Field(default_factory=lambda: os.environ.get("OS_CLOUD"))
     payload_key: SecretStr | None = None  # encrypts every Temporal payload (see xms/codec.py)
     log_format: str = "console"  # console | json
     log_level: str = "info"

@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import sqlite3
-import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from uuid import uuid4
 
+from activities.blockstorage.serve import serve_image
 from xms.config import QUOTA_KEY_RE, XmsConfig, check_quota_limits, load_config
 from xms.errors import InvalidRequest, NotFound, QuotaExceeded, TransientIOError, UnknownVolumeType
 from xms.models import (GiB, InstanceRef, QuotaReport, QuotaUsage, Reservation, SnapshotRef, TargetEndpoint,
@@ -57,8 +54,6 @@ CREATE TABLE IF NOT EXISTS quota_limits (
     project TEXT NOT NULL, key TEXT NOT NULL, lim INTEGER NOT NULL, PRIMARY KEY (project, key));
 """
 
-NBD_START_TIMEOUT_S = 15.0
-NBD_STOP_TIMEOUT_S = 20.0  # then SIGKILL; a clean stop lets qemu-nbd flush the qcow2 metadata
 
 
 def _now() -> str:
@@ -214,7 +209,8 @@ class LocalBlockStore:
                 [(project, k, v) for k, v in limits.items()])
             return self._report(con, project)
 
-    def reserve(self, project: str, migration: str, volume_type: str, sizes_gib: list[int]) -> Reservation:
+    def reserve(self, project: str, migration: str, volume_type: str, sizes_gib: list[int], *,
+                snapshots: bool = False) -> Reservation:
         self.get_volume_type(volume_type)
         if not sizes_gib or any(s < 1 for s in sizes_gib):
             raise InvalidRequest(f"reservation for {migration} needs one size >= 1 GiB per disk, got {sizes_gib}")
@@ -398,54 +394,10 @@ class LocalBlockStore:
         if row["format"] == "raw":
             yield TargetEndpoint(kind="file", path=row["path"], size=size, fresh=fresh)
             return
-        with self._nbd_server(row, writable) as sock:
-            yield TargetEndpoint(kind="nbd", uri=f"nbd+unix:///?socket={sock}", size=size, fresh=fresh)
-
-    @contextmanager
-    def _nbd_server(self, row: sqlite3.Row, writable: bool) -> Iterator[str]:
-        """A private qemu-nbd serving the decrypted image on a unix socket in a fresh 0700 dir."""
-        run = self.run_dir if len(str(self.run_dir)) < 80 else None  # sun_path holds ~107 bytes
-        sock_dir = Path(tempfile.mkdtemp(prefix="nbd-", dir=run))
-        sock = str(sock_dir / "nbd.sock")
-        argv = ["qemu-nbd", "--object", f"secret,id=sec0,file={self._key_path(row['id'])}", "--image-opts",
-                f"driver=qcow2,file.filename={row['path']},encrypt.key-secret=sec0", "-k", sock,
-                "--discard=unmap", "-e", "4", "--persistent", *([] if writable else ["-r"])]
-        try:
-            with open(sock_dir / "qemu-nbd.log", "w+") as log:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        preexec_fn=_die_with_parent)
-                try:
-                    deadline = time.monotonic() + NBD_START_TIMEOUT_S
-                    while not self._serving(f"nbd+unix:///?socket={sock}"):
-                        if proc.poll() is not None or time.monotonic() > deadline:
-                            log.seek(0)
-                            detail = (log.read().strip().splitlines() or ["no output"])[-1]
-                            raise TransientIOError(f"qemu-nbd for volume {row['id']} did not start: {detail}")
-                        time.sleep(0.02)
-                    yield sock
-                finally:
-                    proc.terminate()
-                    try:
-                        proc.wait(timeout=NBD_STOP_TIMEOUT_S)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-        finally:
-            shutil.rmtree(sock_dir, ignore_errors=True)
-
-    @staticmethod
-    def _serving(uri: str) -> bool:
-        """True once qemu-nbd completes an NBD handshake. The socket exists (and even accepts)
-        before the image is open and before qemu-nbd handles SIGTERM, so existence is not enough."""
-        import nbd  # Debian's libnbd bindings; only encrypted volumes need them
-
-        h = nbd.NBD()
-        try:
-            h.connect_uri(uri)
-        except nbd.Error:
-            return False
-        h.shutdown()
-        return True
+        image = ["--object", f"secret,id=sec0,file={self._key_path(row['id'])}", "--image-opts",
+                 f"driver=qcow2,file.filename={row['path']},encrypt.key-secret=sec0"]
+        with serve_image(image, self.run_dir, writable=writable, what=f"volume {row['id']}") as uri:
+            yield TargetEndpoint(kind="nbd", uri=uri, size=size, fresh=fresh)
 
     # ------------------------------------------------------------------ snapshots and instances
 
@@ -520,14 +472,6 @@ class LocalBlockStore:
             con.execute("DELETE FROM attachments WHERE instance_id IN"
                         " (SELECT id FROM instances WHERE name = ?)", (name,))
             con.execute("DELETE FROM instances WHERE name = ?", (name,))
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the worker dies, so a SIGKILLed worker leaves
-    no qemu-nbd holding the image's lock."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def open_local_store(settings) -> LocalBlockStore:

@@ -33,8 +33,10 @@ class BlockStorage(Protocol):
 
     def set_quota(self, project: str, limits: dict[str, int]) -> QuotaReport: ...
 
-    def reserve(self, project: str, migration: str, volume_type: str, sizes_gib: list[int]) -> Reservation:
-        """Atomically reserve one volume per size. Raises QuotaExceeded (which quota, requested,
+    def reserve(self, project: str, migration: str, volume_type: str, sizes_gib: list[int], *,
+                snapshots: bool = False) -> Reservation:
+        """Atomically reserve one volume per size (``snapshots``: a snapshot of each follows; adapters
+        whose quota counts snapshots include them). Raises QuotaExceeded (which quota, requested,
         limit, in use). Idempotent: a second call for the same migration returns its reservation."""
         ...
 

@@ -90,10 +90,13 @@ port_free() {  # port_free PORT: nothing listens on 127.0.0.1:PORT (or on the wi
 }
 need_port() { port_free "$2" || die "port $2 (for $1) is taken by another process; set XMS_CINDER_*_PORT"; }
 
+group_alive() { local pid; pid=$(pid_of "$1"); [ -n "$pid" ] && kill -0 -- "-$pid" 2>/dev/null; }
 wait_for() {  # [WATCH=name:marker] wait_for SECONDS DESCRIPTION CMD...   (fails early if WATCH died)
   local limit=$1 what=$2 t0 watch=${WATCH:-}; shift 2; t0=$(date +%s)
   until "$@" >/dev/null 2>&1; do
-    if [ -n "$watch" ] && ! alive "${watch%%:*}" "${watch#*:}"; then
+    # a service's group outlives the exec chain of its start script (erl -> beam.smp), whose
+    # cmdline can be caught mid-exec under load: dead means no process is left in its group
+    if [ -n "$watch" ] && ! alive "${watch%%:*}" "${watch#*:}" && ! group_alive "${watch%%:*}"; then
       tail -25 "$LOG/${watch%%:*}.out" >&2 || true
       die "${watch%%:*} died while waiting for $what (see $LOG/${watch%%:*}.*)"
     fi

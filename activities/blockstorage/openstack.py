@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,8 +142,8 @@ class OpenStackBlockStore:
                 qos=QoS(write_bytes_sec=_int(qos.get("write_bytes_sec") or qos.get("total_bytes_sec")),
                         write_iops_sec=_int(qos.get("write_iops_sec") or qos.get("total_iops_sec"))),
                 encrypted=self._encrypted(t.id),
-                description=(t.description or "") + (f" [QoS {', '.join(f'{k}={v}' for k, v in sorted(qos.items()))}]"
-                                                      if qos else ""),
+                description=" ".join(x for x in [t.description or "", f"[QoS {', '.join(f'{k}={v}' for k, v in sorted(qos.items()))}]"
+                                                   if qos else ""] if x),
             ))
         self._types = {t.name: t for t in out}
         return sorted(out, key=lambda t: t.name)
@@ -294,8 +296,7 @@ class OpenStackBlockStore:
 
     @contextmanager
     def open_target(self, volume_id: str, *, writable: bool = True) -> Iterator[TargetEndpoint]:
-        from os_brick.initiator import connector as brick_connector
-
+        _, brick_connector = _brick()
         bs, v = self.bs, self._call(f"volume {volume_id}", self.bs.get_volume, volume_id)
         meta = v.metadata or {}
         fresh = meta.get(META_WRITTEN) != "1" and str(v.is_encrypted).lower() != "true"
@@ -415,10 +416,20 @@ class OpenStackBlockStore:
 # ---------------------------------------------------------------------------- helpers
 
 
+def _brick():
+    """os-brick, imported quietly: it pulls in eventlet (deprecation warnings) and logs at WARNING
+    about initiators this host does not have (iSCSI, NVMe-oF) on every connector lookup."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import os_brick.privileged
+        from os_brick.initiator import connector as brick_connector
+    logging.getLogger("os_brick").setLevel(logging.ERROR)
+    return os_brick, brick_connector
+
+
 def _connector_properties() -> dict:
     """This host's connector (os-brick), privileged calls run in-process: the worker is root."""
-    import os_brick.privileged
-    from os_brick.initiator import connector as brick_connector
+    os_brick, brick_connector = _brick()
 
     os_brick.privileged.default.set_client_mode(False)
     os_brick.privileged.brick_privsep_hide_output.set_client_mode(False)

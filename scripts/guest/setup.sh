@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS=(qemu-system-x86 qemu-utils debootstrap libguestfs-tools virt-v2v linux-image-amd64
-      grub-pc-bin fdisk e2fsprogs)
+      grub-pc-bin fdisk e2fsprogs python3-guestfs)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

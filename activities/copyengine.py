@@ -419,11 +419,11 @@ def checksum(
     n = -(-length // CHUNK)
     out = hashlib.sha256()
     pending: deque[tuple[int, bytearray, int]] = deque()
-    nxt = 0
+    nxt = reads = 0
 
-    def issue() -> None:
-        nonlocal nxt
-        while nxt < n and len(pending) < depth:
+    def issue() -> None:  # up to ``depth`` reads in flight; zero chunks between them cost no slot
+        nonlocal nxt, reads
+        while nxt < n and reads < depth:
             i, nxt = nxt, nxt + 1
             size = min(CHUNK, length - i * CHUNK)
             if i in zero_chunks and size == CHUNK:
@@ -431,6 +431,7 @@ def checksum(
                 continue
             buf = bytearray(size)
             pending.append((i, buf, h.aio_pread(nbd.Buffer.from_buffer(buf), i * CHUNK)))
+            reads += 1
 
     try:
         issue()
@@ -439,6 +440,7 @@ def checksum(
             if cookie:
                 while not h.aio_command_completed(cookie):
                     h.poll(-1)
+                reads -= 1
             pending.popleft()
             out.update(hashlib.sha256(buf).digest() if cookie else zero_digest)
             if i % progress_every == 0:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from typing import TypeVar
@@ -29,6 +31,8 @@ from xms import telemetry
 from xms.config import load_config
 from xms.errors import DuplicateMigration, InvalidAvailabilityZone, InvalidRequest, SourceCannotTrack, XmsError
 from xms.models import (
+    BootInput,
+    BootResult,
     Checksums,
     CleanupInput,
     CopyInput,
@@ -37,6 +41,8 @@ from xms.models import (
     CreateVolumeInput,
     DiskPlan,
     FinalizeInput,
+    GuestInfo,
+    GuestInput,
     InstanceRef,
     MigrationRequest,
     Reservation,
@@ -45,7 +51,9 @@ from xms.models import (
     SnapshotRef,
     TrackerInput,
     ValidationResult,
+    MiB,
     VolumeRef,
+    merge_ranges,
 )
 from xms.settings import Settings
 
@@ -250,6 +258,11 @@ class MigrationActivities:
                     plan = [e for e in full if not e.zero]
                 else:
                     full = plan = list(transport.dirty_extents(src, view.bitmap, disk.virtual_size))
+                    if inp.rewrite:  # ranges the target diverged in (a converted, failed cutover)
+                        ranges = [(e.start, e.length) for e in plan] + [
+                            (o, min(n, disk.virtual_size - o)) for o, n in inp.rewrite if o < disk.virtual_size]
+                        full = plan = [e for o, n in merge_ranges(ranges)
+                                       for e in transport.extents(src, o, o + n)]
                 changed = sum(e.length for e in plan)
                 beat(data_bytes_total=changed)
                 todo = _clip(full, start) if start < disk.virtual_size else []
@@ -367,6 +380,78 @@ class MigrationActivities:
         _log(disk=inp.disk_index).info("snapshot", snapshot=s.id, backup=s.backup or None)
         return s
 
+    # ------------------------------------------------------------------ guest
+
+    @activity.defn(name="convert_guest")
+    @_errors
+    @_beating
+    def convert_guest(self, inp: GuestInput) -> GuestInfo:
+        """Inspect the target volumes and convert the guest in place (virt-v2v-in-place) through a
+        qcow2 overlay per volume, committed into the volume only when conversion succeeded: a
+        failed conversion leaves the target exactly as the last sync wrote it."""
+        from activities import guest
+
+        t0 = time.monotonic()
+        log = _log()
+        work = self.settings.run_dir / f"convert-{inp.migration}"
+        with ExitStack() as opened:
+            eps = [opened.enter_context(self.store.open_target(v)) for v in inp.volume_ids]
+            if any(ep.kind != "file" for ep in eps):
+                return GuestInfo(note="not converted: these volumes are reached through NBD (encrypted); "
+                                      "conversion needs the volumes as files")
+            paths = [ep.path for ep in eps]
+            if not any(_boot_record(p) for p in paths):
+                return GuestInfo(data_disk=True, note="no boot record on any disk: data disk(s), not converted",
+                                 duration_s=time.monotonic() - t0)
+            found = guest.inspect(paths, "raw")
+            info = GuestInfo(os_type=found.os_type, distro=found.distro, product_name=found.product_name,
+                             firmware=found.firmware, root_device=found.root_device,
+                             boot_disk=_disk_of(found.root_device))
+            if found.is_data_disk or not found.os_type:
+                info.data_disk, info.note = True, "no operating system found: data disk(s), not converted"
+                info.duration_s = time.monotonic() - t0
+                log.info("guest inspected", data_disk=True)
+                return info
+            log.info("guest inspected", os=found.product_name, firmware=found.firmware, root=found.root_device)
+            work.mkdir(parents=True, exist_ok=True, mode=0o700)
+            overlays = [work / f"disk{i}.qcow2" for i in range(len(paths))]
+            done = work / "converted"  # conversion finished: a retry only commits again
+            if not done.exists():
+                for ov, p in zip(overlays, paths):
+                    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", p, str(ov)])
+                rep = guest.convert([str(o) for o in overlays], "qcow2", timeout_s=inp.timeout_s,
+                                    log_path=str(work / "virt-v2v.log"))
+                done.write_text(f"{rep.seconds}\n")
+            info.changed_extents = [_overlay_ranges(ov) for ov in overlays]
+            for ov in overlays:
+                _run(["qemu-img", "commit", "-q", "-d", str(ov)])
+        shutil.rmtree(work, ignore_errors=True)
+        info.converted, info.duration_s = True, time.monotonic() - t0
+        changed = sum(n for ranges in info.changed_extents for _, n in ranges)
+        info.note = (f"converted {found.product_name or found.os_type} ({found.firmware or 'bios'}) in "
+                     f"{info.duration_s:.0f} s; {changed // MiB} MiB rewritten")
+        log.info("guest converted", seconds=round(info.duration_s), rewritten=changed)
+        return info
+
+    @activity.defn(name="boot_target")
+    @_errors
+    @_beating
+    def boot_target(self, inp: BootInput) -> BootResult:
+        """Boot the target volumes (boot order) in a qemu VM and wait for the marker on its serial
+        console. The VM runs on a throw-away overlay (-snapshot): the check writes nothing."""
+        from activities import guest
+
+        log_path = self.settings.data_dir / "instances" / inp.migration / "first-boot-serial.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as opened:
+            eps = [opened.enter_context(self.store.open_target(v, writable=False)) for v in inp.volume_ids]
+            paths = [ep.path if ep.kind == "file" else ep.uri for ep in eps]
+            secs = guest.boot(paths, firmware=inp.firmware, marker=inp.marker, timeout_s=inp.timeout_s,
+                              serial_log=str(log_path), snapshot=True)
+        line = next((ln for ln in log_path.read_text(errors="replace").splitlines() if inp.marker in ln), inp.marker)
+        _log().info("target booted", seconds=round(secs, 1), marker=line.strip())
+        return BootResult(seconds=secs, marker_line=line.strip(), serial_log=str(log_path))
+
     @activity.defn(name="cleanup", no_thread_cancel_exception=True)
     @_errors
     def cleanup(self, inp: CleanupInput) -> None:
@@ -395,7 +480,39 @@ class MigrationActivities:
 
     def all(self) -> list[Callable]:
         return [self.validate, self.reserve, self.create_volume, self.copy_disk, self.stop_tracking,
-                self.power_off_source, self.resume_source, self.finalize, self.snapshot, self.cleanup]
+                self.power_off_source, self.resume_source, self.finalize, self.snapshot, self.cleanup,
+                self.convert_guest, self.boot_target]
+
+
+def _boot_record(path: str) -> bool:
+    """An MBR boot signature or a GPT header: without either no firmware boots this disk, so
+    libguestfs's appliance (~30 s on TCG) is not started for plain data disks."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    return head[510:512] == b"\x55\xaa" or head[512:520] == b"EFI PART"
+
+
+def _disk_of(device: str | None) -> int | None:
+    """libguestfs names disks /dev/sda, /dev/sdb, ... in the order they were added."""
+    import re
+
+    m = re.match(r"^/dev/[sv]d([a-z])", device or "")
+    return ord(m.group(1)) - ord("a") if m else None
+
+
+def _overlay_ranges(overlay) -> list[tuple[int, int]]:
+    """The byte ranges an overlay holds (what conversion wrote), from ``qemu-img map``."""
+    import json
+
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(overlay)], capture_output=True,
+                         text=True, check=True).stdout
+    return [(e["start"], e["length"]) for e in json.loads(out) if e.get("depth") == 0]
+
+
+def _run(argv: list[str]) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode:
+        raise XmsError(f"{argv[0]} {argv[1]} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
 
 
 def tracker_for(inp: CopyInput, settings: Settings) -> cbt.ChangeTracker:

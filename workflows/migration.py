@@ -35,6 +35,10 @@ with workflow.unsafe.imports_passed_through():
         CutoverResult,
         DiskState,
         FinalizeInput,
+        BootInput,
+        BootResult,
+        GuestInfo,
+        GuestInput,
         InstanceRef,
         MigrationInput,
         MigrationResult,
@@ -48,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         TrackerInput,
         ValidationResult,
         VolumeRef,
+        merge_ranges,
     )
 
 PHASE_ATTR = SearchAttributeKey.for_keyword("XmsPhase")
@@ -225,7 +230,7 @@ class MigrationWorkflow:
             "copy_disk",
             CopyInput(migration=s.request.name, disk=d.plan, volume_id=d.volume_id, qos=s.volume_type.qos,
                       generation=generation, track=s.request.mode == "warm", bitmap=s.request.bitmap,
-                      verify=verify),
+                      verify=verify, rewrite=s.rewrite.get(d.index, []) if generation else []),
             result_type=CopyResult, task_queue=s.host_queue,
             start_to_close_timeout=timedelta(days=2),
             heartbeat_timeout=timedelta(seconds=s.request.heartbeat_timeout_s),
@@ -255,6 +260,7 @@ class MigrationWorkflow:
         async def one(d: DiskState) -> None:
             r = await self._copy(d, g, verify=final)
             d.last_sync, d.synced_bytes = r, d.synced_bytes + r.bytes_read
+            s.rewrite.pop(d.index, None)  # copied again: the target follows the source there too
             if final:
                 d.checksums = r.checksums
             results.append(r)
@@ -340,13 +346,14 @@ class MigrationWorkflow:
                 if all(d.checksums for d in s.disks):
                     break
                 await self._sync(final=True)
-            self._enter(Phase.CUTTING_OVER, "GuestConversion")
-            c.conversion = "skipped: no guest converter configured"
             await self._finish()
         except ActivityError as e:
             if is_cancelled_exception(e):
                 raise
             c.error, c.finished_at = f"cutover failed in {s.step}: {_reason(e, s.step)[0]}", workflow.now()
+            if s.guest and s.guest.converted:  # the target diverged where conversion wrote
+                for i, ranges in enumerate(s.guest.changed_extents):
+                    s.rewrite[i] = merge_ranges([*s.rewrite.get(i, []), *ranges])
             if c.power_off and not s.request.power_off_hook:  # a paused live VM runs again while Ready
                 for d in s.disks:
                     try:
@@ -366,7 +373,14 @@ class MigrationWorkflow:
         return True
 
     async def _finish(self) -> None:
+        """GuestConversion → Finalize → Snapshot → BootTarget."""
         s = self.s
+        if workflow.patched("guest-conversion"):
+            await self._convert()
+        else:  # histories recorded before conversion existed
+            self._enter(Phase.CUTTING_OVER, "GuestConversion")
+            if s.cutover:
+                s.cutover.conversion = "skipped: no guest converter configured"
         self._enter(Phase.CUTTING_OVER, "Finalize")
         inst: InstanceRef = await workflow.execute_activity(
             "finalize",
@@ -393,6 +407,50 @@ class MigrationWorkflow:
                 d.snapshot_id, d.backup = snap.id, snap.backup or None
 
             await _gather(one(d) for d in s.disks)
+        if s.request.boot_marker and workflow.patched("boot-target"):
+            await self._boot()
+
+    async def _convert(self) -> None:
+        s = self.s
+        self._enter(Phase.CUTTING_OVER, "GuestConversion")
+        if s.request.guest_conversion == "off":
+            s.guest = GuestInfo(note="skipped: --guest-conversion off")
+        else:
+            s.guest = await workflow.execute_activity(
+                "convert_guest", GuestInput(migration=s.request.name, volume_ids=[d.volume_id for d in s.disks]),
+                result_type=GuestInfo, task_queue=s.host_queue,
+                start_to_close_timeout=timedelta(hours=3),
+                heartbeat_timeout=timedelta(seconds=max(60, s.request.heartbeat_timeout_s)),
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                retry_policy=RetryPolicy(initial_interval=timedelta(seconds=5), maximum_attempts=3,
+                                         non_retryable_error_types=[*NON_RETRYABLE_TYPES, "GuestConversionFailed",
+                                                                    "GuestInspectionFailed"]),
+            )
+        if s.cutover:
+            s.cutover.conversion = s.guest.note
+
+    async def _boot(self) -> None:
+        s = self.s
+        if s.guest and s.guest.data_disk:
+            s.boot = None
+            return  # nothing to boot
+        self._enter(Phase.CUTTING_OVER, "BootTarget")
+        r: BootResult = await workflow.execute_activity(
+            "boot_target",
+            BootInput(migration=s.request.name, volume_ids=[d.volume_id for d in s.disks],
+                      firmware=(s.guest.firmware if s.guest else None) or "bios", marker=s.request.boot_marker,
+                      timeout_s=s.request.boot_timeout_s),
+            result_type=BootResult, task_queue=s.host_queue,
+            start_to_close_timeout=timedelta(seconds=s.request.boot_timeout_s + 300),
+            heartbeat_timeout=timedelta(seconds=max(60, s.request.heartbeat_timeout_s)),
+            cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            retry_policy=RetryPolicy(maximum_attempts=2, non_retryable_error_types=[*NON_RETRYABLE_TYPES,
+                                                                                     "GuestBootFailed"]),
+        )
+        if s.cutover:
+            r.since_cutover_s = (workflow.now() - s.cutover.requested_at).total_seconds()
+            s.cutover.boot_s = r.since_cutover_s
+        s.boot = r
 
     async def _stop_tracking(self) -> None:
         s = self.s
@@ -411,7 +469,8 @@ class MigrationWorkflow:
         s.reason, s.reason_type = reason, rtype
         if s.admitted is None:
             s.admitted = False
-        keep = s.request.keep_on_failure and not cancelled
+        # a failed conversion keeps the volumes for inspection (virt-v2v's message says why)
+        keep = (s.request.keep_on_failure or rtype in ("GuestConversionFailed", "GuestInspectionFailed")) and not cancelled
         if s.host_queue:
             try:
                 await workflow.execute_activity(

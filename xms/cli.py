@@ -74,6 +74,67 @@ def cli():
 # ------------------------------------------------------------------------------ processes
 
 
+@cli.group()
+def instance():
+    """Target instances of the embedded store (made by a migration's Finalize)."""
+
+
+@instance.command("start")
+@click.argument("name")
+@click.option("--firmware", type=click.Choice(["auto", "bios", "uefi"]), default="auto", show_default=True,
+              help="auto: what the migration's inspection found (bios when none)")
+@click.option("--marker", default=None, metavar="TEXT",
+              help="Wait for this serial-console line, report the boot time, then stop the VM")
+@click.option("--timeout", default=600, show_default=True, help="Seconds to wait for --marker")
+@click.option("--snapshot", is_flag=True, help="Discard the guest's writes (a throw-away overlay)")
+@temporal_opt
+@json_opt
+@command
+async def instance_start(name, firmware, marker, timeout, snapshot, temporal, as_json):
+    """Start instance NAME as a qemu VM from its volumes in boot order (KVM where usable, else TCG)."""
+    import subprocess
+
+    from activities import guest
+
+    s = settings_from(temporal)
+    store = _store(s)
+    inst = store.get_instance(name)
+    if inst is None or not inst.volume_ids:
+        fail(f"no instance named {name!r}; a migration's Finalize makes one (see `xms list`)")
+    vols = [store.get_volume(v) for v in inst.volume_ids]
+    if any(not v.path or v.format != "raw" for v in vols):
+        fail(f"instance {name}: only raw volumes of the embedded store can be started here")
+    if firmware == "auto":
+        firmware = "bios"
+        try:
+            v = await xc.view(await xc.connect(s), name)
+            firmware = (v.guest.firmware if v.guest else None) or "bios"
+        except Exception:  # the migration's history may be gone; BIOS is what most guests use
+            pass
+    log = s.data_dir / "instances" / name / "serial.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    paths = [v.path for v in vols]
+    if marker:
+        secs = guest.boot(paths, firmware=firmware, marker=marker, timeout_s=timeout, serial_log=str(log),
+                          snapshot=snapshot)
+        line = next((ln for ln in log.read_text(errors="replace").splitlines() if marker in ln), marker).strip()
+        if as_json:
+            return emit_json({"instance": name, "firmware": firmware, "boot_s": round(secs, 1), "marker_line": line,
+                              "serial_log": str(log)})
+        out.print(f"instance {name} booted ({firmware}, {guest.accel()}): {line!r} after {secs:.1f} s; "
+                  f"serial log {log}", markup=False)
+        return
+    if firmware == "uefi":
+        fail("an interactive UEFI console is not supported yet; use --marker to boot a UEFI guest")
+    acc = guest.accel()
+    cmd = ["qemu-system-x86_64", "-accel", acc, *(["-cpu", "host"] if acc == "kvm" else []), "-m", "1024",
+           "-nographic", "-nodefaults", "-serial", "mon:stdio", *(["-snapshot"] if snapshot else [])]
+    for i, p in enumerate(paths):
+        cmd += ["-drive", f"file={p},format=raw,if=none,id=d{i}", "-device", f"virtio-blk-pci,drive=d{i},bootindex={i}"]
+    out.print(f"starting {name}: {' '.join(cmd)}  (Ctrl-A X quits)", markup=False)
+    raise SystemExit(subprocess.call(cmd))
+
+
 @cli.command()
 @click.option("--temporal", metavar="HOST:PORT", help="Use this existing Temporal cluster; start no dev server")
 @command
@@ -126,12 +187,18 @@ async def worker(temporal, metrics):
 @click.option("--no-snapshot", is_flag=True, help="Skip the post-migration snapshot")
 @click.option("--keep-on-failure", is_flag=True, help="Keep created volumes if the migration fails")
 @click.option("--heartbeat-timeout", default=30, show_default=True, help="Seconds before a silent copy is retried")
+@click.option("--guest-conversion", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+              help="auto: convert a guest OS found on the volumes (virt-v2v-in-place); data disks are left as they are")
+@click.option("--boot-marker", default=None, metavar="TEXT",
+              help="Boot the target at the end and wait for this line on its serial console")
+@click.option("--boot-timeout", default=600, show_default=True, help="Seconds to wait for --boot-marker")
 @click.option("--wait", is_flag=True, help="Wait for the migration to end, showing progress")
 @temporal_opt
 @json_opt
 @command
 async def migrate(name, disks, project, volume_type, az, mode, sync_interval, cutover_at, bitmap, power_off_hook,
-                  no_snapshot, keep_on_failure, heartbeat_timeout, wait, temporal, as_json):
+                  no_snapshot, keep_on_failure, heartbeat_timeout, guest_conversion, boot_marker, boot_timeout, wait,
+                  temporal, as_json):
     """Start migration NAME (its Temporal workflow id). Refused at once if invalid or over quota."""
     s = settings_from(temporal)
     srcs = [d if "://" in d else str(Path(d).expanduser().resolve()) for d in disks]
@@ -139,7 +206,8 @@ async def migrate(name, disks, project, volume_type, az, mode, sync_interval, cu
                            availability_zone=az, mode=mode, snapshot=not no_snapshot,
                            keep_on_failure=keep_on_failure, heartbeat_timeout_s=heartbeat_timeout,
                            sync_interval_s=parse_duration(sync_interval), cutover_at=cutover_at, bitmap=bitmap,
-                           power_off_hook=power_off_hook, target=s.target,
+                           power_off_hook=power_off_hook, target=s.target, guest_conversion=guest_conversion,
+                           boot_marker=boot_marker, boot_timeout_s=boot_timeout,
                            cloud=s.cloud if s.target == "openstack" else None)
     c = await xc.connect(s)
     adm = await xc.submit(c, s, req)
@@ -271,6 +339,16 @@ def render_status(v: xc.MigrationView) -> None:
         if v.cutover:
             parts.append(f"cutover requested {v.cutover.requested_at:%H:%M:%S} by {v.cutover.requested_by}")
         out.print("  ".join(parts), markup=False)
+    if v.guest:
+        g = v.guest
+        what = "data disk(s)" if g.data_disk else " ".join(x for x in [g.product_name or g.os_type, g.firmware and
+                                                                       f"firmware {g.firmware}", g.root_device and
+                                                                       f"root {g.root_device}"] if x)
+        out.print(f"guest: {what or '-'} — {g.note}", markup=False)
+    if v.boot:
+        since = f", {v.boot.since_cutover_s:.0f} s after the cutover request" if v.boot.since_cutover_s else ""
+        out.print(f"first boot: marker after {v.boot.seconds:.0f} s{since}: {v.boot.marker_line} "
+                  f"(serial log {v.boot.serial_log})", markup=False)
     t = Table(box=None)
     for col in ("disk", "source", "volume", "size", "copied / data", "throughput", "ETA", "resumed from", "checksum"):
         t.add_column(col)

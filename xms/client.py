@@ -22,6 +22,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from workflows.migration import MigrationWorkflow
 from xms.errors import DuplicateMigration, InvalidRequest, NotFound, XmsError
 from xms.models import (
+    BootResult,
+    GuestInfo,
     Admission,
     CopyProgress,
     CutoverRequest,
@@ -92,6 +94,8 @@ class MigrationView(Model):
     next_sync_at: str | None = None
     cutover: CutoverInfo | None = None
     last_failed_cutover: CutoverInfo | None = None
+    guest: GuestInfo | None = None
+    boot: BootResult | None = None
     runs: int = 1
     volume_count: int = 0
     warnings: list[str] = []
@@ -230,6 +234,7 @@ async def view(client: Client, name: str) -> MigrationView:
         if state.last_sync and state.last_sync.frozen_at and not state.phase.terminal else None,
         next_sync_at=state.next_sync_at.isoformat() if state.next_sync_at else None,
         cutover=state.cutover, last_failed_cutover=state.last_failed_cutover, runs=state.runs,
+        guest=state.guest, boot=state.boot,
         volume_count=state.volume_count, warnings=state.warnings,
     )
 

@@ -19,6 +19,17 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 NAME_RULE = "1-63 characters: lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) ranges sorted, with overlapping or touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for off, n in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], off + n) - out[-1][0])
+        else:
+            out.append((off, n))
+    return out
+
+
 class Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=False)
 
@@ -151,6 +162,12 @@ class MigrationRequest(Model):
     # (never credentials). The worker refuses a request meant for another target.
     target: Literal["local", "openstack"] = "local"
     cloud: str | None = Field(None, max_length=255)
+    # GuestConversion: "auto" converts a disk set that holds an operating system (virt-v2v-in-place)
+    # and records a data-only disk set as such; "off" skips the step
+    guest_conversion: Literal["auto", "off"] = "auto"
+    # BootTarget: wait for this line on the target VM's serial console (None: no boot check)
+    boot_marker: str | None = Field(None, min_length=1, max_length=200)
+    boot_timeout_s: int = Field(600, ge=10, le=7200)
 
     @field_validator("name", "project")
     @classmethod
@@ -230,6 +247,7 @@ class CopyInput(Model):
     track: bool = False  # warm: freeze through the source's change tracker
     bitmap: str | None = None
     verify: bool = False  # checksum source (as frozen) and target after the copy
+    rewrite: list[tuple[int, int]] = []  # (offset, length): copy again whatever the bitmap says
 
 
 class CopyResult(Model):
@@ -292,6 +310,48 @@ class SyncRecord(Model):
         return (self.finished_at - self.started_at).total_seconds()
 
 
+class GuestInfo(Model):
+    """What GuestConversion found and did (virt-v2v's inspection of the target volumes)."""
+
+    os_type: str | None = None  # linux | windows | None (no operating system)
+    distro: str | None = None
+    product_name: str | None = None
+    firmware: str | None = None  # bios | uefi
+    root_device: str | None = None
+    boot_disk: int | None = None  # index of the disk holding the root filesystem
+    data_disk: bool = False  # no operating system: recorded, not converted
+    converted: bool = False
+    # per disk, the byte ranges conversion rewrote on the target (from its overlay): should the
+    # cutover fail after this, the next syncs copy them from the source again (the CBT chain
+    # only knows the source's writes)
+    changed_extents: list[list[tuple[int, int]]] = []
+    note: str = ""
+    duration_s: float = 0.0
+
+
+class BootResult(Model):
+    """BootTarget: the target VM reached its boot marker."""
+
+    seconds: float  # from VM start to the marker
+    marker_line: str
+    serial_log: str
+    since_cutover_s: float | None = None  # from the cutover request to the marker (warm)
+
+
+class GuestInput(Model):
+    migration: str
+    volume_ids: list[str]  # disk order
+    timeout_s: int = 3600
+
+
+class BootInput(Model):
+    migration: str
+    volume_ids: list[str]  # boot order
+    firmware: str = "bios"
+    marker: str
+    timeout_s: int = 600
+
+
 class CutoverInfo(Model):
     requested_at: datetime
     requested_by: str = "update"  # update | schedule
@@ -301,6 +361,7 @@ class CutoverInfo(Model):
     power_off: str | None = None  # what PowerOffSource did
     conversion: str | None = None  # what GuestConversion did
     error: str | None = None
+    boot_s: float | None = None  # from the request to the target's boot marker
 
 
 class MigrationState(Model):
@@ -312,6 +373,9 @@ class MigrationState(Model):
     volume_type: VolumeTypeInfo | None = None
     availability_zone: str | None = None
     host_queue: str | None = None
+    guest: GuestInfo | None = None
+    boot: BootResult | None = None
+    rewrite: dict[int, list[tuple[int, int]]] = {}  # disk index -> ranges the target diverged in
     reservation_id: str | None = None
     disks: list[DiskState] = []
     instance_id: str | None = None

@@ -439,6 +439,10 @@ class LocalBlockStore:
         vols = con.execute("SELECT volume_id FROM attachments WHERE instance_id = ? ORDER BY idx", (row["id"],))
         return InstanceRef(id=row["id"], name=row["name"], project=row["project"], volume_ids=[v[0] for v in vols])
 
+    def get_instance(self, name: str) -> InstanceRef | None:
+        with self._conn() as con:
+            return self._instance(con, "name", name)
+
     def ensure_instance(self, name: str, project: str) -> InstanceRef:
         with self._tx() as con:
             inst = self._instance(con, "name", name)

@@ -398,6 +398,10 @@ class OpenStackBlockStore:
         metadata (``xms.instance`` and ``xms.boot_index``), which a later boot-from-volume uses."""
         return self._instance(name, project)
 
+    def get_instance(self, name: str) -> InstanceRef | None:
+        inst = self._instance(name)
+        return inst if inst.volume_ids else None
+
     def _instance(self, name: str, project: str = "") -> InstanceRef:
         vols = [v for v in self.list_volumes() if v.metadata.get(META_INSTANCE) == name]
         vols.sort(key=lambda v: int(v.metadata.get(META_BOOT_INDEX, 0)))

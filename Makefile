@@ -1,7 +1,7 @@
 # The two commands: `make demo` and `make test`. Both set up whatever is missing first.
 VENV := .venv
 
-.PHONY: setup demo test server clean
+.PHONY: setup demo test server clean chaos
 
 setup:
 	@scripts/bootstrap.sh
@@ -14,6 +14,9 @@ test: setup
 
 server: setup
 	$(VENV)/bin/xms server
+
+chaos: setup
+	$(VENV)/bin/python -m chaos.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info

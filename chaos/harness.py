@@ -453,7 +453,8 @@ class Harness:
         while left and time.monotonic() < deadline:
             time.sleep(0.2)  # poll interval: helpers exit once they notice their client is gone
             left = strays()
-        for pid, _ in left:
+        for pid, what in left:
+            self.log(f"chaos: leaked {what} pid {pid}: {describe_process(pid)}")
             _kill(pid)  # report it once, do not let it spill into the next scenario
         return [f"process: {what} (pid {pid}) outlived its migration" for pid, what in left]
 
@@ -524,6 +525,23 @@ def helper_processes(needle: str) -> list[tuple[int, str]]:
         if st and st[0] in HELPER_COMMS and needle in _cmdline(pid):
             out.append((pid, st[0]))
     return out
+
+
+def describe_process(pid: int) -> str:
+    """cmdline, parent, state and open files of a process: enough to tell why it is still there."""
+    try:
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+        fds = []
+        for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+            try:
+                fds.append(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+            except OSError:
+                pass
+        return (f"cmdline={_cmdline(pid)!r} ppid={status.get('PPid', '?').strip()} "
+                f"state={status.get('State', '?').strip()} fds=[{', '.join(fds)}]")
+    except OSError as e:
+        return f"gone ({e})"
 
 
 def _kill(pid: int) -> None:

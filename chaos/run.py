@@ -117,7 +117,9 @@ class Chaos:
                         bitmap_sources: list[Path] = (), timeout: float = WAIT_S) -> Result:
         """Wait for the end; expect Completed, each disk's checksums matching, and the target's bytes
         equal to ``disks``' (sha256, size) with zeroes past the source's end."""
+        t0 = time.monotonic()
         v = await self.h.wait_closed(name, timeout)
+        r.notes["closed_after_s"] = round(time.monotonic() - t0, 1)
         r.outcome, r.reason = v.phase.value.lower(), v.reason
         if v.phase.value != "Completed":
             r.detail = f"ended {v.phase.value}: {v.reason}"
@@ -155,15 +157,14 @@ class Chaos:
         name = r.name = self.name("baseline")
         await self.h.migrate(name, [str(self.disk_a)], project="c-base", volume_type="throttled-ssd",
                              heartbeat_timeout_s=4, snapshot=False)
-        t0 = time.monotonic()
         await self.completed(r, name, [(self.want_a, SIZE)], "c-base")
-        self.baseline_s = time.monotonic() - t0
-        r.notes["admitted_to_closed_s"] = round(self.baseline_s, 1)
+        self.baseline_s = r.notes["closed_after_s"]  # admitted → closed: where the kills are placed
         return r
 
     async def nbd_error(self, r: Result) -> Result:
-        raw = await asyncio.to_thread(make_disk, self.h.src / "err.raw", 256 * MiB,
-                                      [(8 * MiB, 64 * MiB), (128 * MiB, 64 * MiB)], "raw", 2)
+        # 256 MiB of data: ~320 reads with verification, so 1 % fails some (P(none) ≈ 4 %)
+        raw = await asyncio.to_thread(make_disk, self.h.src / "err.raw", 512 * MiB,
+                                      [(8 * MiB, 128 * MiB), (256 * MiB, 128 * MiB)], "raw", 2)
         want, size = await asyncio.to_thread(source_sha256, raw, self.h.src)
         trigger = self.h.src / "err.armed"
         srv = Nbdkit(raw, self.h.src / "err.sock", filters=["error"],
@@ -181,6 +182,7 @@ class Chaos:
         finally:
             trigger.unlink(missing_ok=True)
             srv.stop()
+        r.notes["read_errors_injected"] = srv.log.read_text(errors="replace").count("injecting EIO error")
         return r
 
     async def nbd_delay(self, r: Result) -> Result:
@@ -264,7 +266,7 @@ class Chaos:
         name = r.name = self.name(f"worker-kill-{i}")
         project = "c-kill"
         base = self.baseline_s or 10.0
-        delay = self.rng.uniform(0.0, 0.75) * base  # somewhere in copy, verify or finalize
+        delay = self.rng.uniform(0.0, 0.9) * base  # somewhere in copy, verify or finalize
         await self.h.migrate(name, [str(self.disk_a)], project=project, volume_type="throttled-ssd",
                              heartbeat_timeout_s=4, snapshot=False)
         await asyncio.sleep(delay)  # the fault's random point in time, not a synchronisation
@@ -272,11 +274,10 @@ class Chaos:
         pid = self.h.kill_worker()
         r.faults.append("worker-sigkill")
         self.h.start_worker()
-        t0 = time.monotonic()
         await self.completed(r, name, [(self.want_a, SIZE)], project)
         r.notes["kill_after_admission_s"] = round(delay, 2)
         r.notes["killed_pid"] = pid
-        r.notes["recovered_in_s"] = round(time.monotonic() - t0, 1)
+        r.notes["recovered_in_s"] = r.notes["closed_after_s"]  # from the restart to the end
         try:
             v = await self.h.view(name)
             r.notes["killed_in"] = step_at(v.history, killed_at)
@@ -480,6 +481,10 @@ def summarize(results: list[Result], final_leaks: list[str], short: bool, seed: 
         "failed_with_clear_reason": sum(r.outcome == "failed" and r.ok for r in results),
         "failure_reasons": [f"{r.scenario}: {r.reason}" for r in results if r.outcome == "failed"],
         "cancelled_clean": sum(r.outcome == "cancelled" and r.ok for r in results),
+        "worker_kills_mid_migration": sum(bool(r.notes.get("killed_in")) and not r.notes["killed_in"].startswith("Completed")
+                                          for r in results if r.scenario.startswith("worker-kill-")),
+        "worker_kills_by_step": dict(Counter(r.notes.get("killed_in", "?") for r in results
+                                             if r.scenario.startswith("worker-kill-"))),
         "unexpected": unexpected,
         "known_product_bugs": [f"{r.scenario}: {r.detail} — {r.known_bug}" for r in known],
         "known_bugs_fixed": [f"{r.scenario}: passes now; remove it from KNOWN_BUGS" for r in results
@@ -503,6 +508,9 @@ def print_summary(s: dict, out=sys.stdout) -> None:
     for reason in s["failure_reasons"]:
         p(f"      {reason}")
     p(f"  cancelled, nothing left:          {s['cancelled_clean']}")
+    if s["worker_kill_runs"]:
+        p(f"  worker kills mid-migration:       {s['worker_kills_mid_migration']}/{s['worker_kill_runs']}  "
+          + ", ".join(f"{k} {v}" for k, v in sorted(s["worker_kills_by_step"].items())))
     p(f"  leaks found:                      {s['leak_count']}")
     for leak in s["leaks"]:
         p(f"      {leak}")

@@ -1,7 +1,9 @@
 """NBD endpoints through libnbd: sources (NBD URIs or local images served by qemu-nbd), extents.
 
 Local images are served read-only by a private qemu-nbd that libnbd starts with systemd socket
-activation: no socket file, and qemu-nbd exits when the handle closes (or its parent dies).
+activation: no socket file, and qemu-nbd exits when the handle closes, or when its parent dies
+(it is started through ``setpriv --pdeathsig``: a qemu-nbd whose client died before the NBD
+handshake would otherwise listen for ever).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +26,11 @@ from xms.errors import ChangeTrackingLost, InvalidRequest, SourceUnreachable, So
 NBD_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
 SOURCE_FORMS = ("nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, qmp+unix:///PATH?node=NODE (live, warm), "
                 "or a local qcow2/raw image path")
+# util-linux's setpriv: the private qemu-nbd gets a signal when the thread that started it dies.
+# SIGKILL for a read-only one: qemu-nbd notes a SIGTERM that arrives while it starts up but acts
+# on it only when its main loop wakes, which never happens without a client. A writable one gets
+# SIGTERM, so that it flushes what it holds (qcow2 metadata).
+SETPRIV = shutil.which("setpriv")
 BLOCK_STATUS_WINDOW = 1 << 30  # servers may refuse >= 4 GiB; qemu caps at 1 GiB anyway
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -104,7 +112,8 @@ def connect(
         if kind == "nbd":
             h.connect_uri(location)
         else:
-            argv = ["qemu-nbd", "-f", fmt]
+            die = ["setpriv", "--pdeathsig", "TERM" if writable else "KILL", "--"] if SETPRIV else []
+            argv = [*die, "qemu-nbd", "-f", fmt]
             if not writable:
                 argv.append("-r")
             if bitmap:

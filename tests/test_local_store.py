@@ -12,7 +12,8 @@ from pathlib import Path
 import nbd
 import pytest
 
-from activities.blockstorage.local import NBD_STOP_TIMEOUT_S, LocalBlockStore, open_local_store
+from activities.blockstorage.local import LocalBlockStore, open_local_store
+from activities.blockstorage.serve import NBD_STOP_TIMEOUT_S
 from xms.config import load_config
 from xms.errors import InvalidRequest, NotFound, QuotaExceeded, TransientIOError, UnknownVolumeType
 from xms.models import GiB, MiB

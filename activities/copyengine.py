@@ -34,6 +34,7 @@ REQUEST = 1 * MiB  # copy request size: smaller requests keep more of the target
 DEPTH = 32  # requests in flight, over all connections
 CONNECTIONS = 4
 DRAIN_TIMEOUT_S = 120.0  # after an error, how long a connection waits for its outstanding replies
+READ_RETRIES = 4  # a source read that fails (EIO from a flaky disk) is tried again this often, at once
 ZEROES = bytes(CHUNK)
 ZERO_REQUEST = bytes(REQUEST)
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -141,6 +142,7 @@ class CopyStats:
     bytes_written: int = 0
     zero_bytes_skipped: int = 0
     zero_bytes_written: int = 0
+    read_retries: int = 0  # failed source reads that were issued again
     data_bytes_total: int = 0  # data bytes in [started_from, end)
     t0: float = field(default_factory=time.monotonic)
     t1: float | None = None  # when the copy ended
@@ -238,11 +240,22 @@ def _is_zero(buf: bytearray, n: int) -> bool:
     return buf == ZERO_REQUEST if n == len(buf) else buf[:n] == ZEROES[:n]
 
 
+def _pread(h: nbd.NBD, buf: bytearray, e: Extent) -> int:
+    return h.aio_pread(nbd.Buffer.from_buffer(memoryview(buf)[: e.length]), e.start)
+
+
+def _retry_read(h: nbd.NBD, tries: int) -> bool:
+    """Whether a failed read is worth issuing again: the server answered with an error (a flaky
+    disk) and the connection still works; a dead connection fails the copy (and the attempt)."""
+    return tries < READ_RETRIES and not (h.aio_is_dead() or h.aio_is_closed())
+
+
 def _pump(src: nbd.NBD, writer: Writer, t: _Tracker, *, fresh: bool, throttle: Throttle, depth: int) -> None:
     """One connection's loop: up to ``depth`` buffers, each read (AIO) then written (AIO for NBD
-    targets, pwrite for files). Pieces finish in any order; the tracker keeps the offset exact."""
+    targets, pwrite for files). Pieces finish in any order; the tracker keeps the offset exact.
+    A read the server fails is issued again up to READ_RETRIES times before the copy fails."""
     free = [bytearray(REQUEST) for _ in range(depth)]
-    reading: list[tuple[int, Extent, bytearray, int]] = []
+    reading: list[tuple[int, Extent, bytearray, int, int]] = []  # seq, extent, buffer, cookie, tries
     writing: list[tuple[int, Extent, bytearray, int]] = []
     dst = writer.h if isinstance(writer, NbdWriter) else None
     handles = [src] if dst is None else [src, dst]
@@ -264,16 +277,28 @@ def _pump(src: nbd.NBD, writer: Writer, t: _Tracker, *, fresh: bool, throttle: T
                         t.finish(seq, zeroed=e.length)
                     continue
                 buf = free.pop()
-                reading.append((seq, e, buf, src.aio_pread(nbd.Buffer.from_buffer(memoryview(buf)[: e.length]), e.start)))
+                reading.append((seq, e, buf, _pread(src, buf, e), 0))
             if not reading and not writing:
                 if not more:
                     break
                 continue
             progressed = False
-            for item in [r for r in reading if src.aio_command_completed(r[3])]:
+            for item in list(reading):
+                seq, e, buf, cookie, tries = item
+                try:
+                    if not src.aio_command_completed(cookie):
+                        continue
+                except nbd.Error:  # the read failed (and is retired): issue it again, or give up
+                    reading.remove(item)
+                    if not _retry_read(src, tries):
+                        raise
+                    reading.append((seq, e, buf, _pread(src, buf, e), tries + 1))
+                    with t.lock:
+                        t.stats.read_retries += 1
+                    progressed = True
+                    continue
                 reading.remove(item)
                 progressed = True
-                seq, e, buf, _ = item
                 if _is_zero(buf, e.length):
                     if fresh:
                         t.finish(seq, read=e.length, skipped=e.length)
@@ -438,8 +463,16 @@ def checksum(
         while pending:
             i, buf, cookie = pending[0]
             if cookie:
-                while not h.aio_command_completed(cookie):
-                    h.poll(-1)
+                tries = 0
+                while True:
+                    try:
+                        while not h.aio_command_completed(cookie):
+                            h.poll(-1)
+                        break
+                    except nbd.Error:  # failed and retired: read that chunk again, or give up
+                        if not _retry_read(h, tries):
+                            raise
+                        cookie, tries = h.aio_pread(nbd.Buffer.from_buffer(buf), i * CHUNK), tries + 1
                 reads -= 1
             pending.popleft()
             out.update(hashlib.sha256(buf).digest() if cookie else zero_digest)

@@ -1,6 +1,7 @@
 """Run the chaos scenarios against one private stack and report what happened.
 
-    .venv/bin/python -m chaos.run [--short] [--runs N] [--seed S] [--json PATH] [--keep]
+    .venv/bin/python -m chaos.run [--short] [--runs N] [--seed S] [--json PATH] [--dir DIR] [--keep]
+                                  [--only SCENARIO,…] [--strict]
 
 Every scenario injects real faults and must end as expected — Completed with the source's
 and the target's hashes equal, Failed with a clear one-line reason, or Cancelled — and then
@@ -13,9 +14,10 @@ Scenarios (and the policy each one checks):
 
 * ``baseline``        no fault; its duration places the worker kills.
 * ``nbd-error``       nbdkit ``error`` filter, 1 % of source reads fail with EIO (armed once
-                      admitted: a probe read that fails is a refusal, by design). Reads are
-                      retried: copy_disk fails with TransientIOError, Temporal retries it with
-                      backoff, each attempt resumes at the heartbeated offset → Completed.
+                      admitted: a probe read that fails is a refusal, by design). The copy
+                      engine issues a failed read again (up to 4 times); a read that keeps
+                      failing fails the attempt with TransientIOError, which Temporal retries
+                      with backoff, resuming at the heartbeated offset → Completed.
 * ``nbd-delay``       nbdkit ``delay`` filter, every read stalls 5 s on a sparse source (few
                       reads), with a 4 s heartbeat timeout: heartbeats come from the activity
                       thread, not the reads, so a stall is not a lost worker → Completed.
@@ -29,6 +31,8 @@ Scenarios (and the policy each one checks):
                       (TargetOutOfSpace, not retried), the volume deleted, the space returned.
 * ``worker-kill-N``   the worker SIGKILLed (the process alone, not its group) at a random
                       point of a cold migration (seeded), then started again → Completed.
+* ``worker-kill-snapshot`` (full mode) the worker SIGKILLed during the post-migration snapshot
+                      → Completed within 2 minutes (a known bug today: see KNOWN_BUGS).
 * ``server-kill``     the Temporal dev server SIGKILLed mid-copy and started on the same
                       SQLite file → Completed.
 * ``cancel-reserve``  cancelled while ``reserve`` waits for the store's lock (held by the
@@ -57,24 +61,40 @@ import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from chaos.harness import Harness, Hung, LoopFs, Nbdkit, make_disk, qemu_io, source_sha256, xms_bitmaps
-from xms.models import MiB
+from chaos.harness import (
+    Harness,
+    Hung,
+    LoopFs,
+    Nbdkit,
+    make_disk,
+    qemu_io,
+    source_sha256,
+)
+from xms.models import GiB, MiB
 
 SIZE = 384 * MiB
 REGIONS = [(4 * MiB, 64 * MiB), (128 * MiB, 48 * MiB), (256 * MiB, 48 * MiB)]  # 160 MiB of data
-DATA = sum(n for _, n in REGIONS)
 # Scenarios that fail today because of a bug in a file this harness may not change; each names
 # the fix proposed for it. They are reported apart ("known product bugs") and do not fail the run
 # unless --strict; one that passes is reported as fixed, so the entry can go.
-KNOWN_BUGS = {
-    "cancel-reserve": "workflows/migration.py: a cancel that arrives while a short activity (validate, reserve, "
-                      "create_volume, finalize, snapshot) runs is swallowed when the activity then succeeds "
-                      "(WAIT_CANCELLATION_COMPLETED returns its result), so the migration carries on and completes; "
-                      "fix: check workflow.cancellation_reason() after each step and raise CancelledError",
+KNOWN_BUGS = {  # scenario: (the wrong outcome it shows today, the bug and the proposed fix)
+    "cancel-reserve": ("completed", (
+                       "workflows/migration.py: a cancel that arrives while a short activity (validate, reserve, "
+                       "create_volume, finalize, snapshot) runs is swallowed when the activity then succeeds "
+                       "(WAIT_CANCELLATION_COMPLETED returns its result), so the migration carries on and completes; "
+                       "fix: check workflow.cancellation_reason() after each step and raise CancelledError")),
+    "worker-kill-snapshot": ("hung", (
+                             "workflows/migration.py: the snapshot activity heartbeats but is scheduled without a "
+                             "heartbeat_timeout (start_to_close 2 h), so a worker killed during Snapshot is noticed "
+                             "only after 2 h (reserve and finalize: 5 min); fix: heartbeat_timeout on reserve, "
+                             "finalize and snapshot. Then activities/blockstorage/local.py: the killed attempt's "
+                             "half-built snapshot (.<id>.img.<uuid>.tmp) stays; fix: _install removes stale temp "
+                             "siblings once the file is in place, delete_volume removes them too")),
 }
+SNAPSHOT_RECOVERY_S = 120  # a worker killed during Snapshot must be replaced well within this
 WAIT_S = 420  # a migration's bound: covers a 5-minute start-to-close timeout after a kill
 KILL_RUNS_FULL, KILL_RUNS_SHORT = 20, 3
 
@@ -270,7 +290,7 @@ class Chaos:
         await self.h.migrate(name, [str(self.disk_a)], project=project, volume_type="throttled-ssd",
                              heartbeat_timeout_s=4, snapshot=False)
         await asyncio.sleep(delay)  # the fault's random point in time, not a synchronisation
-        killed_at = datetime.now(timezone.utc)
+        killed_at = datetime.now(UTC)
         pid = self.h.kill_worker()
         r.faults.append("worker-sigkill")
         self.h.start_worker()
@@ -283,6 +303,28 @@ class Chaos:
             r.notes["killed_in"] = step_at(v.history, killed_at)
         except Exception:
             pass
+        return r
+
+    async def worker_kill_snapshot(self, r: Result) -> Result:
+        """The worker SIGKILLed while the post-migration snapshot (a copy of a 1 GiB volume full of
+        data) runs: the next worker must finish the migration within SNAPSHOT_RECOVERY_S."""
+        size = GiB
+        img = await asyncio.to_thread(make_disk, self.h.src / "full.raw", size, [(0, size - 8192)], "raw", 8)
+        want, _ = await asyncio.to_thread(source_sha256, img, self.h.src)
+        name = r.name = self.name("worker-kill-snapshot")
+        await self.h.migrate(name, [str(img)], project="c-ksnap", heartbeat_timeout_s=4, snapshot=True)
+        v = await self.h.wait_view(name, lambda v: v.step == "Snapshot" or v.phase.terminal, 600, "step Snapshot",
+                                   interval=0.05)
+        if v.step != "Snapshot":
+            r.outcome, r.detail = "error", f"the migration passed Snapshot unseen ({v.phase.value}/{v.step})"
+            return r
+        self.h.kill_worker()
+        r.faults.append("worker-sigkill")
+        self.h.start_worker()
+        try:
+            await self.completed(r, name, [(want, size)], "c-ksnap", timeout=SNAPSHOT_RECOVERY_S)
+        finally:
+            img.unlink(missing_ok=True)
         return r
 
     async def server_kill(self, r: Result) -> Result:
@@ -411,6 +453,7 @@ async def run(short: bool, runs: int | None, seed: int, root: Path, log, only: s
             *([] if short else [("source-gone", "failed", c.source_gone)]),
             ("target-full", "failed", c.target_full),
             *[(f"worker-kill-{i}", "completed", lambda r, i=i: c.worker_kill(r, i)) for i in range(1, kill_runs + 1)],
+            *([] if short else [("worker-kill-snapshot", "completed", c.worker_kill_snapshot)]),
             ("server-kill", "completed", c.server_kill),
             ("cancel-reserve", "cancelled", c.cancel_reserve),
             ("cancel-fullsync", "cancelled", c.cancel_fullsync),
@@ -441,11 +484,15 @@ async def run(short: bool, runs: int | None, seed: int, root: Path, log, only: s
                             await h.terminate(r.name, r.detail)
                     except Exception:
                         pass
+            try:
+                r.leaks += await h.global_leaks()
+            except Exception as e:
+                r.leaks.append(f"leak check failed: {type(e).__name__}: {e}")
             if r.outcome != expect and not r.detail:
                 r.detail = f"ended {r.outcome}, expected {expect}"
             r.ok = r.ok and r.outcome == expect and not r.leaks
-            if not r.ok and scenario in KNOWN_BUGS and r.outcome not in ("hung", "error"):
-                r.known_bug = KNOWN_BUGS[scenario]
+            if not r.ok and scenario in KNOWN_BUGS and r.outcome == KNOWN_BUGS[scenario][0]:
+                r.known_bug = KNOWN_BUGS[scenario][1]
             results.append(r)
             log(f"chaos: {scenario}: {r.outcome}{' ✓' if r.ok else ' ✗ ' + r.detail}"
                 f"{'' if not r.leaks else ' LEAKS: ' + '; '.join(r.leaks)} ({r.duration_s}s)"
@@ -482,9 +529,9 @@ def summarize(results: list[Result], final_leaks: list[str], short: bool, seed: 
         "failure_reasons": [f"{r.scenario}: {r.reason}" for r in results if r.outcome == "failed"],
         "cancelled_clean": sum(r.outcome == "cancelled" and r.ok for r in results),
         "worker_kills_mid_migration": sum(bool(r.notes.get("killed_in")) and not r.notes["killed_in"].startswith("Completed")
-                                          for r in results if r.scenario.startswith("worker-kill-")),
+                                          for r in results if re.fullmatch(r"worker-kill-\d+", r.scenario)),
         "worker_kills_by_step": dict(Counter(r.notes.get("killed_in", "?") for r in results
-                                             if r.scenario.startswith("worker-kill-"))),
+                                             if re.fullmatch(r"worker-kill-\d+", r.scenario))),
         "unexpected": unexpected,
         "known_product_bugs": [f"{r.scenario}: {r.detail} — {r.known_bug}" for r in known],
         "known_bugs_fixed": [f"{r.scenario}: passes now; remove it from KNOWN_BUGS" for r in results
@@ -497,7 +544,7 @@ def summarize(results: list[Result], final_leaks: list[str], short: bool, seed: 
 
 
 def print_summary(s: dict, out=sys.stdout) -> None:
-    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p = lambda *a: print(*a, file=out)
     p("")
     p(f"chaos summary ({s['mode']}, seed {s['seed']}, {s['duration_s']:.0f}s)")
     p(f"  runs:                             {s['runs']}")

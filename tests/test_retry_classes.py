@@ -228,3 +228,45 @@ def test_full_target_is_a_permanent_error(tmp_path):
         finally:
             w.close()
     assert not e.value.retryable and "ran out of space" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_flaky_reads_are_retried_in_place(tmp_path):
+    """A source that fails 5 % of its reads with EIO (nbdkit's error filter): the copy engine issues
+    each failed read again (READ_RETRIES), so one attempt copies and checksums the disk exactly;
+    a dead connection is not retried in place (the attempt fails and Temporal retries it)."""
+    import hashlib
+
+    from activities import copyengine
+    from activities.transport import nbd as transport
+    from xms.errors import TransientIOError
+
+    size = 64 * MiB
+    raw = make_disk(tmp_path / "f.raw", size, [(0, 24 * MiB), (40 * MiB, 16 * MiB)], seed=606)
+    srv = Nbdkit(raw, tmp_path / "f.sock", filters=["error"], params=["error-pread-rate=5%", "error-pread=EIO"],
+                 log=tmp_path / "nbdkit.log").start()
+    try:
+        target = tmp_path / "t.img"
+        with open(target, "wb") as f:
+            f.truncate(size)
+        with transport.handle(srv.uri, "nbd") as h:
+            extents = list(transport.extents(h, 0, size))
+            w = copyengine.FileWriter(str(target))
+            try:
+                stats = copyengine.copy(h, [e for e in extents if not e.zero], w, fresh=True)
+            finally:
+                w.close()
+            assert copyengine.checksum(h, size, extents) == copyengine.checksum(h, size, extents)
+        assert stats.read_retries > 0 and stats.offset == size
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == hashlib.sha256(raw.read_bytes()).hexdigest()
+        assert srv.log.read_text().count("injecting EIO error") >= stats.read_retries
+        # the server gone mid-copy: no retry in place, a TransientIOError for Temporal to retry
+        with transport.handle(srv.uri, "nbd") as h:
+            srv.kill()
+            w = copyengine.FileWriter(str(target))
+            try:
+                with pytest.raises(TransientIOError):
+                    copyengine.copy(h, [e for e in extents if not e.zero], w, fresh=False)
+            finally:
+                w.close()
+    finally:
+        srv.stop()

@@ -389,11 +389,15 @@ OVMF_CANDIDATES = [
 ]
 
 
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
 def _tail(path: str, n: int = 8) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.path.getsize(path) - 16384))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+            text = _ANSI_RE.sub("", f.read().decode(errors="replace"))
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     except OSError:
         return "(no serial output)"
     return " | ".join(lines[-n:]) or "(no serial output)"
@@ -439,7 +443,7 @@ def boot(paths: list[str], *, firmware: str = "bios", marker: str = "XMS-BOOT-OK
     for i, p in enumerate(paths):
         if "," in p:
             raise GuestBootFailed(f"disk path {p!r} contains a comma, which qemu -drive cannot take")
-        cmd += ["-drive", f"file={p},format={fmt},if=none,id=disk{i},cache=unsafe",
+        cmd += ["-drive", f"file={p},format={fmt},if=none,id=disk{i}",
                 "-device", f"virtio-blk-pci,drive=disk{i},bootindex={i}"]
 
     Path(serial_log).parent.mkdir(parents=True, exist_ok=True)

@@ -5,15 +5,18 @@ Plain synchronous functions (no Temporal imports): activities call them in a thr
 target volume's file (a raw image path), through subprocesses that are killed, with every
 process they started, when a timeout expires.
 
-Measured on this kind of machine (2 contended cores, software emulation only: /dev/kvm is a
-nested "PVM" KVM on which qemu ``-cpu host`` aborts and a stock kernel hangs otherwise), with
-the test guest of ``scripts/guest/build.sh`` (Debian 12, 2 GiB raw, BIOS/grub, MODULES=list
-initramfs, pruned kernel modules) — details in ``scripts/guest/NOTES.md``:
+Measured on this kind of machine (2 cores shared with other work, software emulation only:
+/dev/kvm is a nested "PVM" KVM on which qemu ``-cpu host`` aborts and a stock kernel hangs
+otherwise), with the test guest of ``scripts/guest/build.sh`` (Debian 12, 2 GiB raw, BIOS/grub)
+— details and the commands in ``scripts/guest/NOTES.md``:
 
-* ``inspect``: 35-40 s (appliance launch ~18-27 s, inspection 9-21 s), OS disk or data disk.
-* ``convert``: ~140 s with virt-v2v-in-place 2.2 (appliance launch 23 s, inspection 15 s,
-  guest ``update-initramfs`` 75 s of it).
-* ``boot``: the marker appears ~25-30 s after qemu starts (TCG, 512 MiB, virtio-blk).
+* ``inspect``: 22-28 s alone (appliance launch ~18 s), up to ~40 s on a busy machine; the same
+  for an OS disk and a data-only disk.
+* ``convert``: 108-150 s when the guest's initramfs-tools uses MODULES=list or dep (up to ~220 s
+  on a busy machine); 724-792 s for the Debian default MODULES=most, because virt-v2v rebuilds
+  the initramfs inside its TCG appliance — ``initramfs_modules="dep"`` brings that guest back
+  to 150 s + 50 s for setting and removing the override.
+* ``boot``: the marker appears 23-36 s after qemu starts (TCG, 512 MiB, virtio-blk).
 """
 
 from __future__ import annotations
@@ -238,9 +241,10 @@ def inspect(paths: list[str], fmt: str = "raw", *, timeout_s: float = 600) -> Gu
     on GPT and no BIOS boot partition -> "uefi", else "bios"); None for a data disk.
 
     Uses ``scripts/guest/inspect.py`` (libguestfs' Python bindings under Debian's python3, one
-    appliance launch). Measured under TCG: ~36-40 s for the test guest and for the data disk
-    (of which ~18-27 s is the appliance launch), against ~45 s for ``virt-inspector`` and the
-    length of a whole conversion for ``virt-v2v-inspector`` (which converts an overlay).
+    appliance launch). Measured under TCG: 28 s for the test guest, 22 s for the data disk;
+    ``virt-inspector`` takes as long (28 s / 19 s) but says nothing about firmware, and
+    ``virt-v2v-inspector`` converts an overlay first (133 s for the guest; for the data disk it
+    exits 1 after 20 s with "inspection could not detect the source guest").
     """
     if not paths:
         raise GuestInspectionFailed("no disks to inspect")
@@ -305,8 +309,9 @@ def convert(paths: list[str], fmt: str = "raw", *, timeout_s: float, log_path: s
 
     Measured (TCG, 2 contended cores; scripts/guest/NOTES.md), all of it the guest's
     ``update-initramfs`` run inside the appliance except ~50 s (launch ~22 s, inspection ~14 s,
-    fstrim ~4 s): guest MODULES=list 123-140 s, MODULES=dep 149 s, MODULES=most 792 s
-    (pruned kernel modules; the full Debian kernel is slower still).
+    fstrim ~4 s): guest MODULES=list 108-140 s, MODULES=dep 149 s, MODULES=most 724 s (full
+    Debian kernel) and 792 s (kernel modules pruned, busier machine); that MODULES=most guest
+    with ``initramfs_modules="dep"``: 150 s + 50 s for the override. A busy machine adds ~50 %.
     """
     if not paths:
         raise GuestConversionFailed("no disks to convert")
@@ -373,7 +378,9 @@ def regenerate_initramfs(paths: list[str], fmt: str = "raw", *, timeout_s: float
     UUID/LABEL: add virtio_pci/virtio_blk/virtio_scsi to /etc/initramfs-tools/modules and run
     ``update-initramfs -u -k all`` in the libguestfs appliance with ``MODULES=modules`` for that
     run only. Returns seconds. Raises :class:`GuestConversionFailed` (no OS, not
-    initramfs-tools, update-initramfs failed, timeout). See NOTES.md for measured times.
+    initramfs-tools, update-initramfs failed, timeout). Measured: 100 s for the Debian-default
+    (MODULES=most, full kernel) guest, against 724 s for virt-v2v-in-place on it; it does none
+    of virt-v2v's other work (no fstab/grub device remapping, no guest agent, no Windows).
     """
     data, secs = _helper("initramfs.py", ["--format", fmt, "--rebuild", modules, *paths],
                          timeout_s=timeout_s, what="regenerating the initramfs",
@@ -418,7 +425,7 @@ def boot(paths: list[str], *, firmware: str = "bios", marker: str = "XMS-BOOT-OK
 
     Raises :class:`GuestBootFailed` with the last serial lines if qemu exits first or the marker
     does not appear within ``timeout_s``. Measured: the converted test guest prints its marker
-    25-30 s after qemu starts (TCG; firstboot scripts virt-v2v adds run first and add ~1 s).
+    23-36 s after qemu starts (TCG; the firstboot scripts virt-v2v adds run before it, ~1 s).
     """
     if not paths:
         raise GuestBootFailed("no disks to boot")

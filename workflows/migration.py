@@ -189,6 +189,7 @@ class MigrationWorkflow:
         v: ValidationResult = await workflow.execute_activity(
             "validate", s.request, result_type=ValidationResult, **SHORT
         )
+        _honour_cancel()
         s.volume_type, s.availability_zone, s.host_queue = v.volume_type, v.availability_zone, v.host_queue
         for d, plan in zip(s.disks, v.disks):
             d.source, d.plan = plan.source, plan
@@ -197,9 +198,11 @@ class MigrationWorkflow:
             "reserve",
             ReserveInput(migration=s.request.name, project=s.request.project, volume_type=v.volume_type.name,
                          sizes_gib=[d.volume_size_gib for d in v.disks], snapshots=s.request.snapshot),
-            result_type=Reservation, task_queue=s.host_queue, **SHORT,
+            result_type=Reservation, task_queue=s.host_queue,
+            heartbeat_timeout=timedelta(seconds=s.request.heartbeat_timeout_s), **SHORT,
         )
         s.reservation_id = r.id
+        _honour_cancel()
         if not r.held_by_volumes:
             s.admitted = True  # else (Cinder) admission waits until every volume exists
 
@@ -221,6 +224,7 @@ class MigrationWorkflow:
         await _gather(one(d) for d in s.disks)
         s.volume_count = len(s.disks)
         s.admitted = True
+        _honour_cancel()
 
     # ------------------------------------------------------------------ data
 
@@ -391,9 +395,11 @@ class MigrationWorkflow:
                           "xms.syncs": str(s.syncs_done)},
                 disk_metadata=[_disk_metadata(d) for d in s.disks],
             ),
-            result_type=InstanceRef, task_queue=s.host_queue, **SHORT,
+            result_type=InstanceRef, task_queue=s.host_queue,
+            heartbeat_timeout=timedelta(seconds=s.request.heartbeat_timeout_s), **SHORT,
         )
         s.instance_id = inst.id
+        _honour_cancel()
         if s.request.snapshot:
             self._enter(Phase.CUTTING_OVER, "Snapshot")
 
@@ -402,11 +408,13 @@ class MigrationWorkflow:
                     "snapshot", SnapshotInput(migration=s.request.name, volume_id=d.volume_id, disk_index=d.index),
                     result_type=SnapshotRef, task_queue=s.host_queue,
                     start_to_close_timeout=timedelta(hours=2), retry_policy=SHORT["retry_policy"],
+                    heartbeat_timeout=timedelta(seconds=s.request.heartbeat_timeout_s),
                     cancellation_type=SHORT["cancellation_type"],
                 )
                 d.snapshot_id, d.backup = snap.id, snap.backup or None
 
             await _gather(one(d) for d in s.disks)
+            _honour_cancel()
         if s.request.boot_marker and workflow.patched("boot-target"):
             await self._boot()
 
@@ -426,6 +434,7 @@ class MigrationWorkflow:
                                          non_retryable_error_types=[*NON_RETRYABLE_TYPES, "GuestConversionFailed",
                                                                     "GuestInspectionFailed"]),
             )
+        _honour_cancel()
         if s.cutover:
             s.cutover.conversion = s.guest.note
 
@@ -495,6 +504,15 @@ class MigrationWorkflow:
             workflow.upsert_search_attributes([PHASE_ATTR.value_set(phase.value)])
         s.phase, s.step = phase, step
         s.history = [*s.history, (phase.value, step, workflow.now())][-HISTORY_KEEP:]
+
+
+def _honour_cancel() -> None:
+    """A cancel that arrives while a step runs is requested of that activity; if the activity
+    then succeeds anyway (WAIT_CANCELLATION_COMPLETED hands back its result) the request would
+    be lost. The run task still counts it: honour it at the step boundary."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError("cancelled by request")
 
 
 async def _gather(coros) -> None:

@@ -83,6 +83,7 @@ def _install(final: Path, make: Callable[[Path], None]) -> None:
     """Build a file next to ``final`` and link it into place; an existing file is left alone,
     so a retried or concurrent call never replaces a file that may already hold data."""
     if final.exists():
+        _drop_partials(final)
         return
     tmp = final.with_name(f".{final.name}.{uuid4().hex}.tmp")
     try:
@@ -94,6 +95,13 @@ def _install(final: Path, make: Callable[[Path], None]) -> None:
             pass
     finally:
         tmp.unlink(missing_ok=True)
+    _drop_partials(final)
+
+
+def _drop_partials(final: Path) -> None:
+    """Half-built siblings of ``final`` left by a worker killed while making it."""
+    for p in final.parent.glob(f".{final.name}.*.tmp"):
+        p.unlink(missing_ok=True)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -363,6 +371,7 @@ class LocalBlockStore:
         # files first: a crash part-way leaves a row that the retry deletes, never an orphaned file
         for p in [*snaps, row["path"], self._key_path(volume_id)]:
             Path(p).unlink(missing_ok=True)
+            _drop_partials(Path(p))
         with self._tx() as con:
             con.execute("DELETE FROM attachments WHERE volume_id = ?", (volume_id,))
             con.execute("DELETE FROM snapshots WHERE volume_id = ?", (volume_id,))

@@ -32,11 +32,12 @@ Scenarios (and the policy each one checks):
 * ``worker-kill-N``   the worker SIGKILLed (the process alone, not its group) at a random
                       point of a cold migration (seeded), then started again → Completed.
 * ``worker-kill-snapshot`` (full mode) the worker SIGKILLed during the post-migration snapshot
-                      → Completed within 2 minutes (a known bug today: see KNOWN_BUGS).
+                      → Completed within 2 minutes, no half-built snapshot file left.
 * ``server-kill``     the Temporal dev server SIGKILLed mid-copy and started on the same
                       SQLite file → Completed.
 * ``cancel-reserve``  cancelled while ``reserve`` waits for the store's lock (held by the
-                      harness) → Cancelled; the reservation made after the cancel is released.
+                      harness), which then succeeds → Cancelled all the same; the reservation
+                      made after the cancel is released.
 * ``cancel-fullsync``, ``cancel-ready`` (warm), ``cancel-syncing`` (warm) → Cancelled.
 * ``cbt-lost``        warm; the source's tracking bitmap is removed between syncs: the sync
                       fails once, not retried (ChangeTrackingLost, one line); then cancelled.
@@ -80,19 +81,11 @@ REGIONS = [(4 * MiB, 64 * MiB), (128 * MiB, 48 * MiB), (256 * MiB, 48 * MiB)]  #
 # Scenarios that fail today because of a bug in a file this harness may not change; each names
 # the fix proposed for it. They are reported apart ("known product bugs") and do not fail the run
 # unless --strict; one that passes is reported as fixed, so the entry can go.
-KNOWN_BUGS = {  # scenario: (the wrong outcome it shows today, the bug and the proposed fix)
-    "cancel-reserve": ("completed", (
-                       "workflows/migration.py: a cancel that arrives while a short activity (validate, reserve, "
-                       "create_volume, finalize, snapshot) runs is swallowed when the activity then succeeds "
-                       "(WAIT_CANCELLATION_COMPLETED returns its result), so the migration carries on and completes; "
-                       "fix: check workflow.cancellation_reason() after each step and raise CancelledError")),
-    "worker-kill-snapshot": ("hung", (
-                             "workflows/migration.py: the snapshot activity heartbeats but is scheduled without a "
-                             "heartbeat_timeout (start_to_close 2 h), so a worker killed during Snapshot is noticed "
-                             "only after 2 h (reserve and finalize: 5 min); fix: heartbeat_timeout on reserve, "
-                             "finalize and snapshot. Then activities/blockstorage/local.py: the killed attempt's "
-                             "half-built snapshot (.<id>.img.<uuid>.tmp) stays; fix: _install removes stale temp "
-                             "siblings once the file is in place, delete_volume removes them too")),
+KNOWN_BUGS: dict[str, tuple[str, str]] = {
+    # scenario: (the wrong outcome it shows today, the bug and the proposed fix). Both entries this
+    # harness found — a cancel lost when the short activity it interrupted then succeeded
+    # (cancel-reserve), and a worker killed during Snapshot noticed only after 2 h plus the
+    # half-built snapshot it left (worker-kill-snapshot) — were fixed in f1ca907.
 }
 SNAPSHOT_RECOVERY_S = 120  # a worker killed during Snapshot must be replaced well within this
 WAIT_S = 420  # a migration's bound: covers a 5-minute start-to-close timeout after a kill

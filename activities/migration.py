@@ -374,9 +374,7 @@ class MigrationActivities:
     def snapshot(self, inp: SnapshotInput) -> SnapshotRef:
         name = f"{inp.migration}-disk{inp.disk_index}-post-migration"
         s = self.store.create_snapshot(inp.volume_id, name)
-        backup = getattr(self.store, "create_backup", None)
-        if backup is not None:  # openstack: a backup through the backup API where the cloud has one
-            s.backup = backup(inp.volume_id, name)
+        s.backup = self.store.create_backup(inp.volume_id, name)  # openstack: the backup API, where it runs
         _log(disk=inp.disk_index).info("snapshot", snapshot=s.id, backup=s.backup or None)
         return s
 

@@ -435,6 +435,10 @@ class LocalBlockStore:
                 snap = con.execute("SELECT * FROM snapshots WHERE id = ?", (snap["id"],)).fetchone()
         return self._snapshot(snap)
 
+    def create_backup(self, volume_id: str, name: str) -> str:
+        """The embedded store has no backup service: the snapshot is all there is."""
+        return ""
+
     def list_snapshots(self, volume_id: str | None = None) -> list[SnapshotRef]:
         with self._conn() as con:
             rows = con.execute("SELECT * FROM snapshots WHERE ?1 IS NULL OR volume_id = ?1 ORDER BY created_at",

@@ -57,7 +57,6 @@ class OpenStackBlockStore:
         self.run_dir = run_dir
         self._lock = threading.Lock()
         self._conn = None
-        self._types: dict[str, VolumeTypeInfo] | None = None
 
     # ------------------------------------------------------------------ connection
 
@@ -145,7 +144,6 @@ class OpenStackBlockStore:
                 description=" ".join(x for x in [t.description or "", f"[QoS {', '.join(f'{k}={v}' for k, v in sorted(qos.items()))}]"
                                                    if qos else ""] if x),
             ))
-        self._types = {t.name: t for t in out}
         return sorted(out, key=lambda t: t.name)
 
     def _encrypted(self, type_id: str) -> bool:
@@ -284,10 +282,7 @@ class OpenStackBlockStore:
         for s in self._call("list snapshots", lambda: list(bs.snapshots(details=True, volume_id=v.id))):
             self._call(f"delete snapshot {s.id}", bs.delete_snapshot, s, ignore_missing=True)
             self._call(f"snapshot {s.id} being deleted", bs.wait_for_delete, s, interval=0.5, wait=WAIT_S)
-        if v.attachments:  # a worker that died attached: drop its attachments so the volume can go
-            for a in v.attachments:
-                self._call("delete attachment", bs.delete_attachment, a.get("attachment_id") or a.get("id"),
-                           ignore_missing=True)
+        self._drop_stale_attachments(v, None)  # a worker that died attached: the volume can go then
         if v.status in ("creating", "attaching", "detaching", "reserved", "in-use"):
             v = self._call(f"volume {v.id}", bs.wait_for_status, v, "available", failures=["error"],
                            interval=0.5, wait=60)
@@ -338,7 +333,8 @@ class OpenStackBlockStore:
                        failures=["error"], interval=0.5, wait=WAIT_S)
 
     def _drop_stale_attachments(self, v, host: str | None) -> None:
-        """Attachments to this host left by a worker that died attached (one activity per volume at a time)."""
+        """Attachments to ``host`` (None: any) left by a worker that died attached (one activity per
+        volume at a time)."""
         for a in v.attachments or []:
             if host and a.get("host_name") not in (None, host):
                 continue

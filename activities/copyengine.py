@@ -33,10 +33,10 @@ CHUNK = 4 * MiB  # checksum chunk, and the largest request (QEMU's NBD server re
 REQUEST = 1 * MiB  # copy request size: smaller requests keep more of the target's writes in flight
 DEPTH = 32  # requests in flight, over all connections
 CONNECTIONS = 4
+THREADS = int(os.environ.get("XMS_COPY_THREADS", "4"))  # threads driving the connections (<= connections)
 DRAIN_TIMEOUT_S = 120.0  # after an error, how long a connection waits for its outstanding replies
 READ_RETRIES = 4  # a source read that fails (EIO from a flaky disk) is tried again this often, at once
 ZEROES = bytes(CHUNK)
-ZERO_REQUEST = bytes(REQUEST)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -217,8 +217,8 @@ class _Tracker:
 
 
 def _wait(handles: list[nbd.NBD]) -> None:
-    """Block until one of the handles can make progress, then let it (both directions of a
-    connection are driven from this one thread, so reads and writes stay in flight together)."""
+    """Block until one of the handles can make progress, then let it: libnbd reads the replies
+    and runs the completion callbacks of the commands they finish, in this thread."""
     poller, by_fd = select.poll(), {}
     for h in handles:
         d = h.aio_get_direction()
@@ -235,13 +235,15 @@ def _wait(handles: list[nbd.NBD]) -> None:
             h.aio_notify_write()
 
 
+_ZERO_BUFFERS: dict[int, bytes] = {}
+
+
 def _is_zero(buf: bytearray, n: int) -> bool:
-    # bytes == bytes is a memcmp; a memoryview comparison would walk element by element
-    return buf == ZERO_REQUEST if n == len(buf) else buf[:n] == ZEROES[:n]
-
-
-def _pread(h: nbd.NBD, buf: bytearray, e: Extent) -> int:
-    return h.aio_pread(nbd.Buffer.from_buffer(memoryview(buf)[: e.length]), e.start)
+    # bytearray == bytes is a memcmp; a memoryview comparison would walk element by element
+    if n == len(buf):  # buffers come in a handful of sizes (_buffer_size)
+        z = _ZERO_BUFFERS.get(n) or _ZERO_BUFFERS.setdefault(n, bytes(n))
+        return buf == z
+    return buf[:n] == ZEROES[:n]
 
 
 def _retry_read(h: nbd.NBD, tries: int) -> bool:
@@ -250,87 +252,144 @@ def _retry_read(h: nbd.NBD, tries: int) -> bool:
     return tries < READ_RETRIES and not (h.aio_is_dead() or h.aio_is_closed())
 
 
-def _pump(src: nbd.NBD, writer: Writer, t: _Tracker, *, fresh: bool, throttle: Throttle, depth: int) -> None:
-    """One connection's loop: up to ``depth`` buffers, each read (AIO) then written (AIO for NBD
-    targets, pwrite for files). Pieces finish in any order; the tracker keeps the offset exact.
-    A read the server fails is issued again up to READ_RETRIES times before the copy fails."""
-    free = [bytearray(REQUEST) for _ in range(depth)]
-    reading: list[tuple[int, Extent, bytearray, int, int]] = []  # seq, extent, buffer, cookie, tries
-    writing: list[tuple[int, Extent, bytearray, int]] = []
-    dst = writer.h if isinstance(writer, NbdWriter) else None
-    handles = [src] if dst is None else [src, dst]
-    more = True
-    try:
-        while True:
-            while more and free and len(reading) + len(writing) < depth:
-                got = t.take()
-                if got is None:
-                    more = False
-                    break
-                seq, e = got
-                if e.zero:
-                    if fresh:
-                        t.finish(seq)
-                    else:
-                        throttle.acquire(0)
-                        writer.zero(e.start, e.length)
-                        t.finish(seq, zeroed=e.length)
-                    continue
-                buf = free.pop()
-                reading.append((seq, e, buf, _pread(src, buf, e), 0))
-            if not reading and not writing:
-                if not more:
-                    break
-                continue
-            progressed = False
-            for item in list(reading):
-                seq, e, buf, cookie, tries = item
-                try:
-                    if not src.aio_command_completed(cookie):
-                        continue
-                except nbd.Error:  # the read failed (and is retired): issue it again, or give up
-                    reading.remove(item)
-                    if not _retry_read(src, tries):
-                        raise
-                    reading.append((seq, e, buf, _pread(src, buf, e), tries + 1))
-                    with t.lock:
-                        t.stats.read_retries += 1
-                    progressed = True
-                    continue
-                reading.remove(item)
-                progressed = True
-                if _is_zero(buf, e.length):
-                    if fresh:
-                        t.finish(seq, read=e.length, skipped=e.length)
-                    else:
-                        writer.zero(e.start, e.length)
-                        t.finish(seq, read=e.length, zeroed=e.length)
-                    free.append(buf)
-                    continue
-                throttle.acquire(e.length)
-                data = memoryview(buf)[: e.length]
-                if dst is not None:
-                    writing.append((seq, e, buf, dst.aio_pwrite(nbd.Buffer.from_buffer(data), e.start)))
+def _buffer_size(n: int) -> int:
+    """Buffers come in powers of two from 64 KiB to REQUEST: an incremental sync of scattered
+    64 KiB blocks allocates (and touches) 64 KiB buffers, not 1 MiB ones."""
+    size = 64 * 1024
+    while size < n:
+        size *= 2
+    return min(size, max(REQUEST, n))
+
+
+_READ, _WRITE = 0, 1
+
+
+class _Conn:
+    """One connection: a source handle and a writer with up to ``depth`` pieces in flight, each
+    read (AIO) then written (AIO for NBD targets, pwrite for files). libnbd reports finished
+    commands through completion callbacks, which run inside ``aio_notify_*`` in the driving thread
+    and only queue the event, so nothing scans the commands in flight. Pieces finish in any
+    order; the tracker keeps the offset exact. A read the server fails is issued again up to
+    READ_RETRIES times before the copy fails."""
+
+    def __init__(self, src: nbd.NBD, writer: Writer, t: _Tracker, *, fresh: bool, throttle: Throttle, depth: int):
+        self.src, self.writer, self.t = src, writer, t
+        self.fresh, self.throttle, self.depth = fresh, throttle, depth
+        self.dst = writer.h if isinstance(writer, NbdWriter) else None
+        self.handles = [src] if self.dst is None else [src, self.dst]
+        self.free: list[bytearray] = []  # allocated on demand, at most ``depth``, sized to the pieces
+        self.buffers = 0
+        self.in_flight = 0
+        self.events: deque[tuple[int, int, Extent, bytearray, int, int]] = deque()  # kind, seq, e, buf, tries, errno
+        self.more = True
+
+    @property
+    def finished(self) -> bool:
+        return not self.more and not self.in_flight and not self.events
+
+    def _buffer(self, n: int) -> bytearray:
+        fits = [b for b in self.free if len(b) >= n]
+        if fits:
+            b = min(fits, key=len)
+            self.free.remove(b)
+            return b
+        if self.buffers < self.depth:
+            self.buffers += 1
+        else:  # every buffer is in use or too small: replace the smallest free one
+            self.free.remove(min(self.free, key=len))
+        return bytearray(_buffer_size(n))
+
+    def _read(self, seq: int, e: Extent, buf: bytearray, tries: int) -> None:
+        def done(err, ev=self.events) -> int:
+            ev.append((_READ, seq, e, buf, tries, err.value))
+            return 1  # retire the command: its result is in the event
+
+        self.src.aio_pread(nbd.Buffer.from_buffer(memoryview(buf)[: e.length]), e.start, completion=done)
+        self.in_flight += 1
+
+    def _write(self, seq: int, e: Extent, buf: bytearray) -> None:
+        def done(err, ev=self.events) -> int:
+            ev.append((_WRITE, seq, e, buf, 0, err.value))
+            return 1
+
+        self.dst.aio_pwrite(nbd.Buffer.from_buffer(memoryview(buf)[: e.length]), e.start, completion=done)
+        self.in_flight += 1
+
+    def fill(self) -> None:
+        t = self.t
+        while self.more and self.in_flight < self.depth:
+            got = t.take()
+            if got is None:
+                self.more = False
+                return
+            seq, e = got
+            if e.zero:
+                if self.fresh:
+                    t.finish(seq)
                 else:
-                    writer.write(e.start, data)
-                    t.finish(seq, read=e.length, written=e.length)
-                    free.append(buf)
-            for item in [w for w in writing if dst.aio_command_completed(w[3])] if dst is not None else []:
-                writing.remove(item)
-                progressed = True
-                seq, e, buf, _ = item
+                    self.throttle.acquire(0)
+                    self.writer.zero(e.start, e.length)
+                    t.finish(seq, zeroed=e.length)
+                continue
+            self._read(seq, e, self._buffer(e.length), 0)
+
+    def handle_events(self) -> None:
+        t = self.t
+        while self.events:
+            kind, seq, e, buf, tries, err = self.events.popleft()
+            self.in_flight -= 1
+            if kind == _WRITE:
+                if err:
+                    raise nbd.Error(f"write at offset {e.start} failed: {os.strerror(err)}", err)
                 t.finish(seq, read=e.length, written=e.length)
-                free.append(buf)
-            if not progressed:
-                _wait(handles)
-        writer.flush()
-    except BaseException as exc:  # the first error stops every connection
+                self.free.append(buf)
+                continue
+            if err:  # the server failed the read: issue it again, or give up
+                if not _retry_read(self.src, tries):
+                    raise nbd.Error(f"read at offset {e.start} failed: {os.strerror(err)}", err)
+                with t.lock:
+                    t.stats.read_retries += 1
+                self._read(seq, e, buf, tries + 1)
+                continue
+            if _is_zero(buf, e.length):
+                if self.fresh:
+                    t.finish(seq, read=e.length, skipped=e.length)
+                else:
+                    self.writer.zero(e.start, e.length)
+                    t.finish(seq, read=e.length, zeroed=e.length)
+                self.free.append(buf)
+                continue
+            self.throttle.acquire(e.length)
+            if self.dst is not None:
+                self._write(seq, e, buf)
+            else:
+                self.writer.write(e.start, memoryview(buf)[: e.length])
+                t.finish(seq, read=e.length, written=e.length)
+                self.free.append(buf)
+
+
+def _drive(conns: list[_Conn], t: _Tracker) -> None:
+    """Run connections to the end in this thread: one poll over all their sockets."""
+    try:
+        live = list(conns)
+        while live:
+            for c in live:
+                c.fill()
+                c.handle_events()
+                c.fill()
+            live = [c for c in live if not c.finished]
+            if live and not any(c.events for c in live):
+                _wait([h for c in live for h in c.handles])
+        for c in conns:
+            c.writer.flush()
+    except BaseException as exc:  # noqa: BLE001 - the first error stops every connection
         with t.lock:
             t.error = t.error or exc
         t.stop.set()
     finally:  # never free a buffer libnbd may still use
-        for h in (src, dst) if dst is not None else (src,):
-            _drain(h)
+        for c in conns:
+            for h in c.handles:
+                _drain(h)
 
 
 def _drain(h: nbd.NBD, timeout: float = DRAIN_TIMEOUT_S) -> None:
@@ -357,6 +416,7 @@ def copy(
     progress_interval: float = 0.5,
     depth: int = DEPTH,
     more: list[tuple[nbd.NBD, Writer]] = (),
+    threads: int | None = None,
 ) -> CopyStats:
     """Copy ``plan`` (extents in ascending order) from ``src`` to ``writer``; ``more`` adds
     connections (source handle, writer) that share the work. Progress reports and ``should_stop``
@@ -366,20 +426,22 @@ def copy(
     stats.data_bytes_total = sum(e.length for e in plan if not e.zero)
     throttle = throttle or Throttle()
     t = _Tracker(plan, stats)
-    conns = [(src, writer), *more]
-    per = max(2, depth // len(conns))
-    threads = [threading.Thread(target=_pump, args=(s, w, t), kwargs=dict(fresh=fresh, throttle=throttle, depth=per),
-                                name=f"xms-copy-{i}", daemon=True) for i, (s, w) in enumerate(conns)]
-    for th in threads:
+    pairs = [(src, writer), *more]
+    per = max(2, depth // len(pairs))
+    conns = [_Conn(s, w, t, fresh=fresh, throttle=throttle, depth=per) for s, w in pairs]
+    n = max(1, min(threads or THREADS, len(conns)))
+    threads_ = [threading.Thread(target=_drive, args=(conns[i::n], t), name=f"xms-copy-{i}", daemon=True)
+                for i in range(n)]
+    for th in threads_:
         th.start()
     stopped = False
-    while any(th.is_alive() for th in threads):
-        _join_all(threads, progress_interval)
+    while any(th.is_alive() for th in threads_):
+        _join_all(threads_, progress_interval)
         on_progress(stats)
         if not stopped and should_stop():
             stopped = True
             t.stop.set()
-    for th in threads:
+    for th in threads_:
         th.join()
     if t.error is not None:
         if _out_of_space(t.error):

@@ -25,32 +25,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bitmap", help="copy only the extents dirty in this bitmap (an incremental sync)")
     p.add_argument("--qos-bps", type=int, default=0)
     p.add_argument("--depth", type=int, default=copyengine.DEPTH)
+    p.add_argument("--threads", type=int, default=None, help="threads driving the connections")
     p.add_argument("--connections", type=int, default=0, help="default: as the xms worker chooses")
     a = p.parse_args(argv)
     kind = "image" if a.src_image else "nbd"
     t0 = time.monotonic()
     src = transport.connect(a.src, kind, a.src_image or "raw", bitmap=a.bitmap)
+    t_conn = time.monotonic()
     size = src.get_size()
     if a.bitmap:
         plan = list(transport.dirty_extents(src, a.bitmap, size))
     else:
         plan = [e for e in transport.extents(src, 0, size)]
     allocated = sum(e.length for e in plan if not e.zero)
+    t_plan = time.monotonic()
     target = TargetEndpoint(kind="file", path=a.dst, size=size) if a.dst_file else TargetEndpoint(kind="nbd", uri=a.dst, size=size)
     writer = copyengine.open_writer(target)
     n = a.connections or copyengine.connections_for(allocated if not a.bitmap else sum(e.length for e in plan))
     more = [(transport.connect(a.src, kind, a.src_image or "raw", bitmap=a.bitmap), copyengine.open_writer(target))
             for _ in range(n - 1)]
+    t_more = time.monotonic()
     stats = copyengine.copy(src, plan, writer, more=more, fresh=not a.bitmap, depth=a.depth,
-                            throttle=copyengine.Throttle(a.qos_bps))
+                            throttle=copyengine.Throttle(a.qos_bps), threads=a.threads)
     for h, w in [(src, writer), *more]:
         w.close()
         transport.close(h)
-    elapsed = time.monotonic() - t0
+    t_end = time.monotonic()
+    elapsed = t_end - t0
     json.dump({
         "size": size, "allocated": allocated, "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written,
         "zero_bytes_written": stats.zero_bytes_written, "copy_s": stats.elapsed, "elapsed_s": elapsed,
-        "extents": len(plan),
+        "extents": len(plan), "connections": n,
+        "phases_s": {"connect": t_conn - t0, "plan": t_plan - t_conn, "more_connections": t_more - t_plan,
+                     "copy": stats.elapsed, "close": t_end - t_more - stats.elapsed},
     }, sys.stdout)
     return 0
 

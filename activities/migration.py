@@ -41,6 +41,7 @@ from xms.models import (
     CreateVolumeInput,
     DiskPlan,
     FinalizeInput,
+    LaunchInput,
     GuestInfo,
     GuestInput,
     InstanceRef,
@@ -144,6 +145,8 @@ class MigrationActivities:
             infos = list(pool.map(self._probe, req.disks))
         if req.power_off_hook:
             self.config.hook(req.power_off_hook, migration=req.name, source="")  # refuses unknown hooks
+        if req.flavor:
+            self.store.check_launch(req.flavor, req.network)  # refuses an unknown flavor or network now
         for s in infos:
             if req.mode == "cold" and s.kind == "qmp":
                 raise InvalidRequest(f"{s.location} is a live disk; live disks can only be migrated with --mode warm")
@@ -368,6 +371,14 @@ class MigrationActivities:
         _log().info("finalized", instance=inst.id, volumes=len(inp.volume_ids))
         return inst
 
+    @activity.defn(name="launch_instance")
+    @_errors
+    @_beating
+    def launch_instance(self, inp: LaunchInput) -> InstanceRef:
+        inst = self.store.launch_instance(inp.migration, inp.project, inp.volume_ids, inp.flavor, inp.network)
+        _log().info("instance launched", instance=inst.id, flavor=inp.flavor, network=inp.network)
+        return inst
+
     @activity.defn(name="snapshot")
     @_errors
     @_beating
@@ -441,6 +452,8 @@ class MigrationActivities:
 
         log_path = self.settings.data_dir / "instances" / inp.migration / "first-boot-serial.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        if inp.instance_id and self.store.instance_console(inp.instance_id) is not None:
+            return self._server_marker(inp, log_path)
         with ExitStack() as opened:
             eps = [opened.enter_context(self.store.open_target(v, writable=False)) for v in inp.volume_ids]
             paths = [ep.path if ep.kind == "file" else ep.uri for ep in eps]
@@ -449,6 +462,25 @@ class MigrationActivities:
         line = next((ln for ln in log_path.read_text(errors="replace").splitlines() if inp.marker in ln), inp.marker)
         _log().info("target booted", seconds=round(secs, 1), marker=line.strip())
         return BootResult(seconds=secs, marker_line=line.strip(), serial_log=str(log_path))
+
+    def _server_marker(self, inp: BootInput, log_path) -> BootResult:
+        """A server the target runs: read its console (the cloud's console log API) until the marker."""
+        from activities.guest import GuestBootFailed
+
+        t0 = time.monotonic()
+        while True:
+            text = self.store.instance_console(inp.instance_id) or ""
+            log_path.write_text(text)
+            line = next((ln for ln in text.splitlines() if inp.marker in ln), None)
+            if line is not None:
+                secs = time.monotonic() - t0
+                _log().info("target booted", instance=inp.instance_id, seconds=round(secs, 1), marker=line.strip())
+                return BootResult(seconds=secs, marker_line=line.strip(), serial_log=str(log_path))
+            if time.monotonic() - t0 > inp.timeout_s:
+                last = (text.strip().splitlines() or ["(empty)"])[-1][:200]
+                raise GuestBootFailed(f"server {inp.instance_id}: no {inp.marker!r} on its console after "
+                                      f"{inp.timeout_s} s; last line: {last}")
+            time.sleep(2)  # polling the cloud's console API, not synchronisation
 
     @activity.defn(name="cleanup", no_thread_cancel_exception=True)
     @_errors
@@ -479,7 +511,7 @@ class MigrationActivities:
     def all(self) -> list[Callable]:
         return [self.validate, self.reserve, self.create_volume, self.copy_disk, self.stop_tracking,
                 self.power_off_source, self.resume_source, self.finalize, self.snapshot, self.cleanup,
-                self.convert_guest, self.boot_target]
+                self.convert_guest, self.boot_target, self.launch_instance]
 
 
 def _boot_record(path: str) -> bool:

@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         CutoverResult,
         DiskState,
         FinalizeInput,
+        LaunchInput,
         BootInput,
         BootResult,
         GuestInfo,
@@ -377,7 +378,8 @@ class MigrationWorkflow:
         return True
 
     async def _finish(self) -> None:
-        """GuestConversion → Finalize → Snapshot → BootTarget."""
+        """GuestConversion → Finalize → Snapshot → LaunchInstance (openstack, with a flavor) → BootTarget.
+        The snapshot comes before the server's first boot: it is the state the migration delivered."""
         s = self.s
         if workflow.patched("guest-conversion"):
             await self._convert()
@@ -415,6 +417,20 @@ class MigrationWorkflow:
 
             await _gather(one(d) for d in s.disks)
             _honour_cancel()
+        if s.request.flavor:  # requests made before servers existed have none: no patch needed
+            self._enter(Phase.CUTTING_OVER, "LaunchInstance")
+            inst = await workflow.execute_activity(
+                "launch_instance",
+                LaunchInput(migration=s.request.name, project=s.request.project,
+                            volume_ids=[d.volume_id for d in s.disks], flavor=s.request.flavor,
+                            network=s.request.network or ""),
+                result_type=InstanceRef, task_queue=s.host_queue,
+                start_to_close_timeout=timedelta(minutes=30), retry_policy=SHORT["retry_policy"],
+                heartbeat_timeout=timedelta(seconds=max(60, s.request.heartbeat_timeout_s)),
+                cancellation_type=SHORT["cancellation_type"],
+            )
+            s.instance_id = inst.id
+            _honour_cancel()
         if s.request.boot_marker and workflow.patched("boot-target"):
             await self._boot()
 
@@ -448,7 +464,7 @@ class MigrationWorkflow:
             "boot_target",
             BootInput(migration=s.request.name, volume_ids=[d.volume_id for d in s.disks],
                       firmware=(s.guest.firmware if s.guest else None) or "bios", marker=s.request.boot_marker,
-                      timeout_s=s.request.boot_timeout_s),
+                      timeout_s=s.request.boot_timeout_s, instance_id=s.instance_id if s.request.flavor else None),
             result_type=BootResult, task_queue=s.host_queue,
             start_to_close_timeout=timedelta(seconds=s.request.boot_timeout_s + 300),
             heartbeat_timeout=timedelta(seconds=max(60, s.request.heartbeat_timeout_s)),
@@ -479,7 +495,9 @@ class MigrationWorkflow:
         if s.admitted is None:
             s.admitted = False
         # a failed conversion keeps the volumes for inspection (virt-v2v's message says why)
-        keep = (s.request.keep_on_failure or rtype in ("GuestConversionFailed", "GuestInspectionFailed")) and not cancelled
+        # so does a server that would not launch (the volumes hold the finished migration)
+        keep = (s.request.keep_on_failure
+                or rtype in ("GuestConversionFailed", "GuestInspectionFailed", "LaunchFailed")) and not cancelled
         if s.host_queue:
             try:
                 await workflow.execute_activity(

@@ -192,13 +192,15 @@ async def worker(temporal, metrics):
 @click.option("--boot-marker", default=None, metavar="TEXT",
               help="Boot the target at the end and wait for this line on its serial console")
 @click.option("--boot-timeout", default=600, show_default=True, help="Seconds to wait for --boot-marker")
+@click.option("--flavor", default=None, help="OpenStack: launch a server of this flavor, booted from the volumes")
+@click.option("--network", default=None, help="OpenStack: the network the server's port is on (with --flavor)")
 @click.option("--wait", is_flag=True, help="Wait for the migration to end, showing progress")
 @temporal_opt
 @json_opt
 @command
 async def migrate(name, disks, project, volume_type, az, mode, sync_interval, cutover_at, bitmap, power_off_hook,
-                  no_snapshot, keep_on_failure, heartbeat_timeout, guest_conversion, boot_marker, boot_timeout, wait,
-                  temporal, as_json):
+                  no_snapshot, keep_on_failure, heartbeat_timeout, guest_conversion, boot_marker, boot_timeout, flavor,
+                  network, wait, temporal, as_json):
     """Start migration NAME (its Temporal workflow id). Refused at once if invalid or over quota."""
     s = settings_from(temporal)
     srcs = [d if "://" in d else str(Path(d).expanduser().resolve()) for d in disks]
@@ -207,7 +209,7 @@ async def migrate(name, disks, project, volume_type, az, mode, sync_interval, cu
                            keep_on_failure=keep_on_failure, heartbeat_timeout_s=heartbeat_timeout,
                            sync_interval_s=parse_duration(sync_interval), cutover_at=cutover_at, bitmap=bitmap,
                            power_off_hook=power_off_hook, target=s.target, guest_conversion=guest_conversion,
-                           boot_marker=boot_marker, boot_timeout_s=boot_timeout,
+                           boot_marker=boot_marker, boot_timeout_s=boot_timeout, flavor=flavor, network=network,
                            cloud=s.cloud if s.target == "openstack" else None)
     c = await xc.connect(s)
     adm = await xc.submit(c, s, req)

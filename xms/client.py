@@ -76,6 +76,7 @@ class MigrationView(Model):
     phase: Phase
     step: str
     reason: str | None = None
+    reason_type: str | None = None  # the failure's stable type (QuotaExceeded, LaunchFailed, ...), for scripts
     project: str
     volume_type: str
     availability_zone: str | None = None
@@ -223,7 +224,7 @@ async def view(client: Client, name: str) -> MigrationView:
         disks.append(v)
     return MigrationView(
         name=name, status=desc.status.name if desc.status else "UNKNOWN", phase=state.phase, step=state.step,
-        reason=state.reason, project=req.project, volume_type=req.volume_type,
+        reason=state.reason, reason_type=state.reason_type, project=req.project, volume_type=req.volume_type,
         target=req.target if not req.cloud else f"{req.target} ({req.cloud})",
         availability_zone=state.availability_zone, mode=req.mode, instance_id=state.instance_id, disks=disks,
         started_at=state.started_at.isoformat() if state.started_at else None,

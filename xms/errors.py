@@ -71,6 +71,13 @@ class TargetOutOfSpace(XmsError):
     type = "TargetOutOfSpace"
 
 
+class LaunchFailed(XmsError):
+    """The cloud could not start the target server (it went to ERROR: Nova's fault message). The
+    volumes hold the finished migration and are kept; the failed server is deleted."""
+
+    type = "LaunchFailed"
+
+
 class TransientIOError(XmsError):
     """A read or write that may succeed when tried again (connection reset, EIO from a flaky source)."""
 
@@ -89,5 +96,5 @@ NON_RETRYABLE_TYPES = [
     cls.type
     for cls in (InvalidRequest, ConfigInvalid, UnknownVolumeType, InvalidAvailabilityZone,
                 QuotaExceeded, SourceUnreadable, SourceCannotTrack, DuplicateMigration, NotFound,
-                ChangeTrackingLost, TargetOutOfSpace)
+                ChangeTrackingLost, TargetOutOfSpace, LaunchFailed)
 ]

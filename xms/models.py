@@ -168,6 +168,11 @@ class MigrationRequest(Model):
     # BootTarget: wait for this line on the target VM's serial console (None: no boot check)
     boot_marker: str | None = Field(None, min_length=1, max_length=200)
     boot_timeout_s: int = Field(600, ge=10, le=7200)
+    # LaunchInstance (openstack): a Nova server booted from the volumes in disk order, with this
+    # flavor and a port on this network (names or ids); without them the instance is the volumes'
+    # boot order in their metadata
+    flavor: str | None = Field(None, min_length=1, max_length=255)
+    network: str | None = Field(None, min_length=1, max_length=255)
 
     @field_validator("name", "project")
     @classmethod
@@ -196,6 +201,11 @@ class MigrationRequest(Model):
             raise ValueError(f"hook name {self.power_off_hook!r} is not valid ({NAME_RULE})")
         if self.bitmap is not None and not NAME_RE.match(self.bitmap.lower()):
             raise ValueError(f"bitmap name {self.bitmap!r} is not valid ({NAME_RULE})")
+        if (self.flavor is None) != (self.network is None):
+            raise ValueError("--flavor and --network go together: a server needs both (or give neither)")
+        if self.flavor is not None and self.target != "openstack":
+            raise ValueError("--flavor and --network apply to --target openstack only (the embedded store's "
+                             "instance is started with `xms instance start`)")
         return self
 
 
@@ -350,6 +360,15 @@ class BootInput(Model):
     firmware: str = "bios"
     marker: str
     timeout_s: int = 600
+    instance_id: str | None = None  # a server the target runs (openstack): its console is read instead
+
+
+class LaunchInput(Model):
+    migration: str
+    project: str
+    volume_ids: list[str]  # disk order = boot order
+    flavor: str
+    network: str
 
 
 class CutoverInfo(Model):

@@ -490,6 +490,19 @@ class LocalBlockStore:
                         " (SELECT id FROM instances WHERE name = ?)", (name,))
             con.execute("DELETE FROM instances WHERE name = ?", (name,))
 
+    def check_launch(self, flavor: str, network: str) -> None:
+        raise InvalidRequest(NO_SERVERS)
+
+    def launch_instance(self, name: str, project: str, volume_ids: list[str], flavor: str, network: str) -> InstanceRef:
+        raise InvalidRequest(NO_SERVERS)
+
+    def instance_console(self, instance_id: str) -> str | None:
+        return None  # the worker boots the volumes in qemu itself
+
+
+NO_SERVERS = ("the embedded store runs no servers: --flavor and --network need --target openstack "
+              "(start the embedded store's instance with `xms instance start`)")
+
 
 def open_local_store(settings) -> LocalBlockStore:
     """The store configured by ``Settings`` (``XMS_CONFIG``, ``XMS_DATA_DIR``)."""

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from activities.blockstorage.serve import serve_image
 from xms import faults
-from xms.errors import (ConfigInvalid, InvalidRequest, NotFound, QuotaExceeded, TransientIOError,
+from xms.errors import (ConfigInvalid, InvalidRequest, LaunchFailed, NotFound, QuotaExceeded, TransientIOError,
                         UnknownVolumeType, XmsError)
 from xms.models import (GiB, QoS, InstanceRef, QuotaReport, QuotaUsage, Reservation, SnapshotRef,
                         TargetEndpoint, VolumeRef, VolumeTypeInfo)
@@ -98,8 +98,8 @@ class OpenStackBlockStore:
             pid = urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
         return pid
 
-    def _call(self, what: str, fn, *args, **kwargs):
-        """One Cinder call with its failure mapped to an xms error (one line, stable type)."""
+    def _call(self, what: str, fn, *args, service: str = "Cinder", **kwargs):
+        """One API call with its failure mapped to an xms error (one line, stable type)."""
         openstack = _sdk()
         try:
             return fn(*args, **kwargs)
@@ -109,8 +109,8 @@ class OpenStackBlockStore:
             if e.status_code == 413:
                 raise _quota_error(str(e.details or e)) from None
             if e.status_code and 400 <= e.status_code < 500 and e.status_code not in (408, 409, 429):
-                raise InvalidRequest(f"{what}: Cinder answered {e.status_code}: {_one_line(e)}") from None
-            raise TransientIOError(f"{what}: Cinder answered {e.status_code}: {_one_line(e)}") from None
+                raise InvalidRequest(f"{what}: {service} answered {e.status_code}: {_one_line(e)}") from None
+            raise TransientIOError(f"{what}: {service} answered {e.status_code}: {_one_line(e)}") from None
         except openstack.exceptions.ResourceFailure as e:
             raise TransientIOError(f"{what}: {_one_line(e)}") from None
         except openstack.exceptions.ResourceTimeout as e:
@@ -390,8 +390,8 @@ class OpenStackBlockStore:
         return f"backup {b.id}"
 
     def ensure_instance(self, name: str, project: str) -> InstanceRef:
-        """Without a flavor and network there is no server to create: the record is the volumes'
-        metadata (``xms.instance`` and ``xms.boot_index``), which a later boot-from-volume uses."""
+        """The instance record is the volumes' metadata (``xms.instance`` and ``xms.boot_index``);
+        ``launch_instance`` makes a server from it when a flavor and network are given."""
         return self._instance(name, project)
 
     def get_instance(self, name: str) -> InstanceRef | None:
@@ -401,16 +401,105 @@ class OpenStackBlockStore:
     def _instance(self, name: str, project: str = "") -> InstanceRef:
         vols = [v for v in self.list_volumes() if v.metadata.get(META_INSTANCE) == name]
         vols.sort(key=lambda v: int(v.metadata.get(META_BOOT_INDEX, 0)))
-        return InstanceRef(id=f"volumes:{name}", name=name, project=project or (vols[0].project if vols else ""),
-                           volume_ids=[v.id for v in vols])
+        server = self._server(name) if vols else None
+        return InstanceRef(id=server.id if server else f"volumes:{name}", name=name,
+                           project=project or (vols[0].project if vols else ""), volume_ids=[v.id for v in vols])
 
     def attach(self, instance_id: str, volume_id: str, index: int) -> InstanceRef:
         name = instance_id.removeprefix("volumes:")
         self.update_metadata(volume_id, {META_INSTANCE: name, META_BOOT_INDEX: str(index)})
         return self._instance(name)
 
+    # ------------------------------------------------------------------ servers (Nova, Neutron)
+
+    def _server(self, name: str):
+        """The server ``launch_instance`` made for migration ``name`` (by name and metadata), if any."""
+        try:
+            found = list(self.conn.compute.servers(details=True, name=f"^{re.escape(name)}$"))
+        except _sdk().exceptions.SDKException:
+            return None  # no compute service in this cloud: no server either
+        return next((s for s in found if (s.metadata or {}).get(META_MIGRATION) == name), None)
+
+    def check_launch(self, flavor: str, network: str):
+        """The flavor and network, looked up by name or id; one line naming what exists if not."""
+        c = self.conn
+        try:
+            c.compute.get_endpoint()
+        except _sdk().exceptions.SDKException:
+            raise InvalidRequest(f"cloud {self.cloud!r} has no compute service (Nova): --flavor and --network "
+                                 "cannot be used; omit them to migrate the volumes only") from None
+        fl = self._call("flavors", c.compute.find_flavor, flavor, ignore_missing=True, service="Nova")
+        if fl is None:
+            names = sorted(f.name for f in self._call("flavors", c.compute.flavors, service="Nova"))
+            raise InvalidRequest(f"flavor {flavor!r} does not exist; allowed: {', '.join(names) or '(none)'}")
+        net = self._call("networks", c.network.find_network, network, ignore_missing=True, service="Neutron")
+        if net is None:
+            names = sorted(n.name for n in self._call("networks", c.network.networks, service="Neutron"))
+            raise InvalidRequest(f"network {network!r} does not exist; allowed: {', '.join(names) or '(none)'}")
+        self._check_compute_quota(fl)
+        return fl, net
+
+    def _check_compute_quota(self, fl) -> None:
+        """The server's instances/cores/ram against the project's Nova limits (the limits API: what
+        this project may use and uses), before any volume exists."""
+        a = self._call("compute limits", self.conn.compute.get_limits, service="Nova").absolute
+        for key, limit, used, need, unit in (
+            ("instances", a.instances, a.instances_used, 1, ""),
+            ("cores", a.total_cores, a.total_cores_used, fl.vcpus or 0, ""),
+            ("ram", a.total_ram, a.total_ram_used, fl.ram or 0, " MiB"),
+        ):
+            if limit is None or limit < 0:
+                continue  # unlimited
+            if (used or 0) + need > limit:
+                raise QuotaExceeded(f"Nova quota {key}: flavor {fl.name} needs {need}{unit}, limit {limit}{unit}, "
+                                    f"in use {used or 0}{unit}; choose a smaller flavor or raise the project's quota")
+
+    def launch_instance(self, name: str, project: str, volume_ids: list[str], flavor: str, network: str) -> InstanceRef:
+        """Boot-from-volume: one block-device mapping per volume, boot_index in disk order (the
+        first is the boot disk), volumes kept when the server is deleted. A retry finds the server
+        it already made; a server that goes to ERROR is deleted and reported with Nova's fault."""
+        c = self.conn
+        server = self._server(name)
+        if server is None:
+            fl, net = self.check_launch(flavor, network)
+            bdm = [{"uuid": vid, "source_type": "volume", "destination_type": "volume", "boot_index": i,
+                    "delete_on_termination": False} for i, vid in enumerate(volume_ids)]
+            try:
+                server = self._call("create server", c.compute.create_server, service="Nova", name=name,
+                                    flavor_id=fl.id, networks=[{"uuid": net.id}], block_device_mapping=bdm,
+                                    metadata={META_MIGRATION: name})
+            except (InvalidRequest, NotFound) as e:  # Nova refused it (quota, policy, a volume it won't boot)
+                raise LaunchFailed(f"Nova refused server {name}: {e}; the volumes are kept") from None
+        try:
+            server = c.compute.wait_for_server(server, status="ACTIVE", failures=["ERROR"], wait=WAIT_S)
+        except _sdk().exceptions.ResourceFailure:
+            server = self._call(f"server {server.id}", c.compute.get_server, server.id, service="Nova")
+            fault = (server.fault or {}).get("message") or "no fault message"
+            self._delete_server(server)
+            raise LaunchFailed(f"server {name} ({server.id}) went to ERROR: {fault}; it was deleted, the volumes are "
+                               "kept (launch them with another flavor or network, or `xms cleanup`)") from None
+        except _sdk().exceptions.ResourceTimeout:
+            raise TransientIOError(f"server {name} ({server.id}) is not ACTIVE after {WAIT_S} s") from None
+        return InstanceRef(id=server.id, name=name, project=project, volume_ids=list(volume_ids))
+
+    def _delete_server(self, server) -> None:
+        c = self.conn
+        self._call(f"delete server {server.id}", c.compute.delete_server, server, ignore_missing=True, service="Nova")
+        self._call(f"delete server {server.id}", c.compute.wait_for_delete, server, wait=WAIT_S, service="Nova")
+
+    def instance_console(self, instance_id: str) -> str | None:
+        if instance_id.startswith("volumes:"):
+            return None  # no server: the worker boots the volumes itself
+        out = self._call(f"console of server {instance_id}", self.conn.compute.get_server_console_output,
+                         instance_id, service="Nova")
+        return (out or {}).get("output") or ""
+
     def delete_instance(self, name: str) -> None:
-        """Nothing to delete without a server; the volumes go with cleanup."""
+        """Delete the server made for the migration, if any (Nova detaches its volumes); the volumes
+        themselves go with cleanup."""
+        server = self._server(name)
+        if server is not None:
+            self._delete_server(server)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -102,5 +102,19 @@ class BlockStorage(Protocol):
         ...
 
     def delete_instance(self, name: str) -> None:
-        """Detach everything and delete the record. Idempotent."""
+        """Detach everything and delete the record (and a server made by ``launch_instance``). Idempotent."""
+        ...
+
+    def check_launch(self, flavor: str, network: str) -> None:
+        """Refuse (InvalidRequest, naming what exists) a flavor or network ``launch_instance`` could not use."""
+        ...
+
+    def launch_instance(self, name: str, project: str, volume_ids: list[str], flavor: str, network: str) -> InstanceRef:
+        """Create and start a server booted from the volumes in this order (boot-from-volume), and
+        wait until it runs. Idempotent by name."""
+        ...
+
+    def instance_console(self, instance_id: str) -> str | None:
+        """The console output of a server this target runs; None if the target runs no servers
+        (the worker boots the volumes itself)."""
         ...

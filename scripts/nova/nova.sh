@@ -401,7 +401,8 @@ clouds:
 EOF
 }
 
-py() { PYTHONDONTWRITEBYTECODE=1 XMS_NOVA_DIR=$DIR "$VENV/bin/python" -W ignore "$@"; }
+# the clouds.yaml given on the command line, not one a caller exported (openstacksdk reads only the first file)
+py() { PYTHONDONTWRITEBYTECODE=1 XMS_NOVA_DIR=$DIR OS_CLIENT_CONFIG_FILE=$DIR/clouds.yaml "$VENV/bin/python" -W ignore "$@"; }
 
 # ---------------------------------------------------------------- commands
 cmd_up() {

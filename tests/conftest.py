@@ -198,7 +198,7 @@ def nova(cinder, tmp_path_factory) -> Iterator[Cinder]:
     d = tmp_path_factory.mktemp("nova-client")
     cinder_url = f"http://127.0.0.1:{os.environ.get('XMS_CINDER_API_PORT', '8776')}/v3/{CINDER_PROJECT}"
     compute_url = f"http://127.0.0.1:{os.environ.get('XMS_NOVA_API_PORT', '8774')}/v2.1"
-    network_url = f"http://127.0.0.1:{os.environ.get('XMS_NEUTRON_API_PORT', '9696')}"
+    network_url = f"http://127.0.0.1:{os.environ.get('XMS_NOVA_NEUTRON_PORT', '9696')}"
     # an admin user (Neutron's policy lets a plain member's Nova create ports but not delete them
     # in this keystone-less setup), with the secret in its name as in ``cinder``
     secret = f"admin-{cinder.secret}"

@@ -11,6 +11,7 @@ is what BootTarget reads from Nova's console API here."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -52,7 +53,8 @@ def admin_connection(project: str):
     import openstack
     from keystoneauth1 import session, token_endpoint
 
-    token, compute = f"admin:{project}", "http://127.0.0.1:8774/v2.1"
+    token = f"admin:{project}"
+    compute = f"http://127.0.0.1:{os.environ.get('XMS_NOVA_API_PORT', '8774')}/v2.1"
     sess = session.Session(auth=token_endpoint.Token(endpoint=compute, token=token),
                            additional_headers={"X-Auth-Token": token})
     return openstack.connection.Connection(session=sess, compute_endpoint_override=compute)

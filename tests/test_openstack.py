@@ -168,6 +168,11 @@ def test_over_per_type_quota_refused_before_any_volume(os_stack, cinder, tmp_pat
         store.create_volume(reservation_id="x", migration="os-413", disk_index=0, name="os-413-disk0", size_gib=6,
                             volume_type="standard-ssd", availability_zone="nova", metadata={})
     assert volumes_named(store, "os-413") == []
+    # a cloud without Nova cannot launch a server: refused at admission, nothing made
+    r = os_stack.cli("migrate", "os-no-nova", "--disk", str(big), "--project", cinder.project, "--volume-type",
+                     "standard-ssd", "--no-snapshot", "--flavor", "xms.small", "--network", "xms-net")
+    assert r.returncode == 1 and "has no compute service (Nova)" in r.stderr, r.stderr
+    assert volumes_named(store, "os-no-nova") == []
 
 
 def test_worker_killed_after_cinder_created_volume(os_stack, cinder, tmp_path):

@@ -412,22 +412,29 @@ class OpenStackBlockStore:
 
     # ------------------------------------------------------------------ servers (Nova, Neutron)
 
+    def _compute(self):
+        """Nova's proxy, or None when the cloud has no compute service (openstacksdk then hands out
+        a generic proxy without the compute calls, or raises on access)."""
+        try:
+            c = self.conn.compute
+            return c if hasattr(c, "servers") else None
+        except _sdk().exceptions.SDKException:
+            return None
+
     def _server(self, name: str):
         """The server ``launch_instance`` made for migration ``name`` (by name and metadata), if any."""
-        try:
-            found = list(self.conn.compute.servers(details=True, name=f"^{re.escape(name)}$"))
-        except _sdk().exceptions.SDKException:
+        c = self._compute()
+        if c is None:
             return None  # no compute service in this cloud: no server either
+        found = self._call("servers", lambda: list(c.servers(details=True, name=f"^{re.escape(name)}$")), service="Nova")
         return next((s for s in found if (s.metadata or {}).get(META_MIGRATION) == name), None)
 
     def check_launch(self, flavor: str, network: str):
         """The flavor and network, looked up by name or id; one line naming what exists if not."""
         c = self.conn
-        try:
-            c.compute.get_endpoint()
-        except _sdk().exceptions.SDKException:
+        if self._compute() is None:
             raise InvalidRequest(f"cloud {self.cloud!r} has no compute service (Nova): --flavor and --network "
-                                 "cannot be used; omit them to migrate the volumes only") from None
+                                 "cannot be used; omit them to migrate the volumes only")
         fl = self._call("flavors", c.compute.find_flavor, flavor, ignore_missing=True, service="Nova")
         if fl is None:
             names = sorted(f.name for f in self._call("flavors", c.compute.flavors, service="Nova"))

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bitmap", help="copy only the extents dirty in this bitmap (an incremental sync)")
     p.add_argument("--qos-bps", type=int, default=0)
     p.add_argument("--depth", type=int, default=copyengine.DEPTH)
-    p.add_argument("--threads", type=int, default=None, help="threads driving the connections")
+    p.add_argument("--threads", type=int, default=copyengine.THREADS, help="threads driving the connections")
+    p.add_argument("--request-kib", type=int, default=copyengine.REQUEST // 1024, help="copy request size")
     p.add_argument("--connections", type=int, default=0, help="default: as the xms worker chooses")
     a = p.parse_args(argv)
     kind = "image" if a.src_image else "nbd"
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(n - 1)]
     t_more = time.monotonic()
     stats = copyengine.copy(src, plan, writer, more=more, fresh=not a.bitmap, depth=a.depth,
-                            throttle=copyengine.Throttle(a.qos_bps), threads=a.threads)
+                            throttle=copyengine.Throttle(a.qos_bps), threads=a.threads,
+                            request=a.request_kib * 1024)
     for h, w in [(src, writer), *more]:
         w.close()
         transport.close(h)

@@ -148,6 +148,14 @@ CINDER_SH = ROOT / "scripts/cinder/cinder.sh"
 CINDER_PROJECT = "0123456789abcdef0123456789abcdef"
 
 
+def service_stack_up(script: Path) -> bool:
+    """``script up`` (cinder.sh, nova.sh); whether the stack was already running before."""
+    was_running = subprocess.run([str(script), "status"], capture_output=True).returncode == 0
+    r = subprocess.run([str(script), "up"], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, f"{script.name} up failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return was_running
+
+
 @dataclass
 class Cinder:
     clouds_yaml: Path
@@ -161,9 +169,7 @@ def cinder(tmp_path_factory) -> Iterator[Cinder]:
     """The real Cinder of scripts/cinder/cinder.sh (RabbitMQ, MariaDB, cinder-api/-scheduler/-volume,
     NFS driver on loop-mounted ext4). Started for the session and stopped after it, unless a
     developer already had it running."""
-    was_running = subprocess.run([str(CINDER_SH), "status"], capture_output=True).returncode == 0
-    r = subprocess.run([str(CINDER_SH), "up"], capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, f"cinder.sh up failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    was_running = service_stack_up(CINDER_SH)
     d = tmp_path_factory.mktemp("cinder-client")
     secret = "xms-secret-" + os.urandom(8).hex()
     url = f"http://127.0.0.1:{os.environ.get('XMS_CINDER_API_PORT', '8776')}/v3/{CINDER_PROJECT}"
@@ -192,9 +198,7 @@ def nova(cinder, tmp_path_factory) -> Iterator[Cinder]:
     Neutron of scripts/nova/nova.sh, next to the real Cinder: the cloud entry it yields reaches all
     three services with one token (the same secret user as ``cinder``). Stopped after the session
     unless a developer already had it running."""
-    was_running = subprocess.run([str(NOVA_SH), "status"], capture_output=True).returncode == 0
-    r = subprocess.run([str(NOVA_SH), "up"], capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, f"nova.sh up failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    was_running = service_stack_up(NOVA_SH)
     d = tmp_path_factory.mktemp("nova-client")
     cinder_url = f"http://127.0.0.1:{os.environ.get('XMS_CINDER_API_PORT', '8776')}/v3/{CINDER_PROJECT}"
     compute_url = f"http://127.0.0.1:{os.environ.get('XMS_NOVA_API_PORT', '8774')}/v2.1"

@@ -38,66 +38,10 @@ DB_STAMP=$DIR/state/db-synced-$(sha256sum "$HERE/requirements.txt" | cut -c1-16)
 SERVICES=(cinder-proxy:cinder-proxy placement-api:placement-api neutron-api:neutron-api nova-api:nova-api nova-conductor:nova-conductor
           nova-scheduler:nova-scheduler nova-compute:xms_nova_shims.compute)   # name:marker (in its cmdline)
 
-say() { printf 'nova.sh: %s\n' "$*"; }
-die() { printf 'nova.sh: ERROR: %s\n' "$*" >&2; exit 1; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+SELF=nova.sh PORT_HINT="XMS_NOVA_*_PORT"
+# shellcheck source=../lib/services.sh
+source "$HERE/../lib/services.sh"   # say/die, start/stop/alive of process groups, need_port, wait_for
 
-# ---------------------------------------------------------------- processes (pid files, process groups)
-# Same conventions as cinder.sh: each service is started with setsid, its pid is its process group;
-# `down` signals the group (gunicorn master + worker, privsep helpers).
-pid_of() { [ -f "$RUN/$1.pid" ] && cat "$RUN/$1.pid" || true; }
-alive() {
-  local pid; pid=$(pid_of "$1")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && grep -q "$2" "/proc/$pid/cmdline" 2>/dev/null
-}
-pgrp_alive() { ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {f=1} END {exit !f}'; }
-pgrp_ours() {
-  local p
-  for p in $(ps -e -o pid=,pgid= | awk -v g="$1" '$2 == g {print $1}'); do
-    grep -q -- "$2" "/proc/$p/cmdline" 2>/dev/null && return 0
-  done
-  return 1
-}
-start() {  # start NAME MARKER CMD...
-  local name=$1 marker=$2; shift 2
-  if alive "$name" "$marker"; then say "$name already running (pid $(pid_of "$name"))"; return 0; fi
-  stop "$name" "$marker"
-  setsid "$@" >>"$LOG/$name.out" 2>&1 </dev/null &
-  echo $! >"$RUN/$name.pid"
-  say "started $name (pid $!)"
-}
-stop() {  # stop NAME MARKER: SIGTERM (then SIGKILL) the process group in NAME's pid file, if it is ours
-  local name=$1 marker=$2 pid i t0
-  pid=$(pid_of "$name"); t0=$(now)
-  [ -n "$pid" ] || return 0
-  if pgrp_alive "$pid" && ! pgrp_ours "$pid" "$marker"; then
-    say "pid file of $name names process group $pid, which is not ours: left alone"
-  elif pgrp_alive "$pid"; then
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do pgrp_alive "$pid" || break; sleep 0.2; done
-    if pgrp_alive "$pid"; then
-      say "$name did not stop on SIGTERM in 20 s: SIGKILL"
-      kill -KILL -- "-$pid" 2>/dev/null || true
-      sleep 0.5
-    fi
-    say "stopped $name ($(since "$t0") s)"
-  fi
-  rm -f "$RUN/$name.pid"
-}
-port_free() { ! ss -Hltn "sport = :$1" | grep -q .; }
-need_port() { port_free "$2" || die "port $2 (for $1) is taken by another process; set XMS_NOVA_*_PORT"; }
-wait_for() {  # [WATCH=name:marker] wait_for SECONDS DESCRIPTION CMD...
-  local limit=$1 what=$2 t0 watch=${WATCH:-}; shift 2; t0=$(date +%s)
-  until "$@" >/dev/null 2>&1; do
-    if [ -n "$watch" ] && ! alive "${watch%%:*}" "${watch#*:}"; then
-      tail -25 "$LOG/${watch%%:*}.out" >&2 || true
-      die "${watch%%:*} died while waiting for $what (see $LOG/)"
-    fi
-    (( $(date +%s) - t0 < limit )) || die "timed out after ${limit}s waiting for $what"
-    sleep 0.5
-  done
-}
 http_up() { curl -s -o /dev/null -w '%{http_code}' "$1" | grep -qE '^(200|300)$'; }
 
 # ---------------------------------------------------------------- install
@@ -441,25 +385,7 @@ cmd_down() {
   say "down (cinder, MariaDB and RabbitMQ left as they are: scripts/cinder/cinder.sh down)"
 }
 
-cmd_status() {
-  local s marker pid rss any=0 total=0 pids ports
-  printf '%-15s %-8s %-10s %s\n' SERVICE PID RSS_MiB LISTEN
-  for s in "${SERVICES[@]}"; do
-    marker=${s#*:}; s=${s%%:*}
-    if alive "$s" "$marker"; then
-      pid=$(pid_of "$s"); any=1
-      rss=$(ps -e -o pgid=,rss= | awk -v g="$pid" '$1 == g {t += $2} END {printf "%.0f", t/1024}')
-      pids=$(ps -e -o pid=,pgid= | awk -v g="$pid" '$2 == g {print $1}' | paste -sd'|')
-      ports=$(ss -Hltnp 2>/dev/null | grep -E "pid=($pids)," | awk '{print $4}' | sort -u | paste -sd' ' || true)
-      printf '%-15s %-8s %-10s %s\n' "$s" "$pid" "$rss" "$ports"
-      total=$((total + rss))
-    else
-      printf '%-15s %-8s\n' "$s" "-"
-    fi
-  done
-  ((any)) && printf '%-15s %-8s %-10s\n' total "" "$total"
-  ((any)) || return 3
-}
+cmd_status() { status_table "${SERVICES[@]}"; }
 
 cmd_env() {
   mkdir -p "$DIR"; write_clouds_yaml

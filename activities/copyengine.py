@@ -35,6 +35,7 @@ DEPTH = 64  # requests in flight, over all connections
 CONNECTIONS = 4
 THREADS = 2  # threads driving the connections (each polls its share): one per core here
 DRAIN_TIMEOUT_S = 120.0  # after an error, how long a connection waits for its outstanding replies
+BUFFER_BUDGET = 160 * MiB  # copy and checksum buffers of a whole worker (every copy shares it)
 WRITEBACK_EVERY = 128 * MiB  # start the target's writeback after this many bytes (see FileWriter, _Conn)
 READ_RETRIES = 4  # a source read that fails (EIO from a flaky disk) is tried again this often, at once
 ZEROES = bytes(CHUNK)
@@ -288,17 +289,27 @@ class _Buf:
 
 
 class _Pool:
-    """Idle buffers by size, for the life of the process: at most what the busiest moment used."""
+    """The buffers of the process, idle ones by size, within a budget: concurrent copies and
+    checksums share it, each keeping fewer requests in flight when many run, so a worker's memory
+    does not grow with the number of migrations it runs at once."""
 
-    def __init__(self):
+    def __init__(self, budget: int):
         self.lock = threading.Lock()
+        self.budget = budget
+        self.total = 0  # bytes of every buffer made (they are never freed: see _Buf)
         self.idle: dict[int, list[_Buf]] = {}
 
-    def get(self, size: int) -> _Buf:
+    def get(self, size: int, must: bool = False) -> _Buf | None:
+        """An idle buffer of at least ``size`` bytes (the smallest), or a new one if the budget
+        allows; None if not. ``must``: the caller has nothing in flight that would give one back,
+        so it gets a buffer even beyond the budget (every copy always makes progress)."""
         with self.lock:
-            free = self.idle.get(size)
-            if free:
-                return free.pop()
+            for s in sorted(self.idle):
+                if s >= size and self.idle[s]:
+                    return self.idle[s].pop()
+            if self.total + size > self.budget and not must:
+                return None
+            self.total += size
         return _Buf(size)
 
     def put(self, bufs: Iterable[_Buf]) -> None:
@@ -311,7 +322,7 @@ class _Pool:
             return sum(len(b) for bs in self.idle.values() for b in bs)
 
 
-_POOL = _Pool()
+_POOL = _Pool(BUFFER_BUDGET)
 
 
 def _idle(handles: Iterable[nbd.NBD]) -> bool:
@@ -352,27 +363,30 @@ class _Conn:
         self.in_flight = 0
         self.events: deque[tuple[int, int, Extent, _Buf, int, int]] = deque()  # kind, seq, e, buf, tries, errno
         self.more = True
+        self.waiting: tuple[int, Extent] | None = None  # a piece taken that waits for a buffer
         self.unflushed = 0  # bytes written to an NBD target since its last flush was issued
         self.flushing = False
         self.can_flush = self.dst is not None and bool(self.dst.can_flush())
 
     @property
     def finished(self) -> bool:
-        return not self.more and not self.in_flight and not self.events
+        return not self.more and not self.in_flight and not self.events and self.waiting is None
 
-    def _buffer(self, n: int) -> _Buf:
+    def _buffer(self, n: int) -> _Buf | None:
+        """A buffer for ``n`` bytes, or None: wait until one of this connection's comes back."""
         fits = [b for b in self.free if len(b) >= n]
         if fits:
             b = min(fits, key=len)
             self.free.remove(b)
             return b
-        if len(self.held) >= self.depth:  # every buffer is in use or too small: swap the smallest free one
-            small = min(self.free, key=len)
+        if self.free and (len(self.held) >= self.depth or self.in_flight == 0):
+            small = min(self.free, key=len)  # too small for this piece: swap it for a bigger one
             self.free.remove(small)
             self.held.remove(small)
             _POOL.put([small])
-        b = _POOL.get(_buffer_size(n))
-        self.held.append(b)
+        b = _POOL.get(_buffer_size(n), must=self.in_flight == 0)
+        if b is not None:
+            self.held.append(b)
         return b
 
     def release(self) -> None:
@@ -412,21 +426,28 @@ class _Conn:
 
     def fill(self) -> None:
         t = self.t
-        while self.more and self.in_flight < self.depth:
-            got = t.take()
-            if got is None:
-                self.more = False
+        while self.in_flight < self.depth:
+            if self.waiting is None:
+                got = t.take() if self.more else None
+                if got is None:
+                    self.more = False
+                    return
+                seq, e = got
+                if e.zero:
+                    if self.fresh:
+                        t.finish(seq)
+                    else:
+                        self.throttle.acquire(0)
+                        self.writer.zero(e.start, e.length)
+                        t.finish(seq, zeroed=e.length)
+                    continue
+                self.waiting = got
+            seq, e = self.waiting
+            buf = self._buffer(e.length)
+            if buf is None:  # the worker's buffer budget is spent: one of ours comes back first
                 return
-            seq, e = got
-            if e.zero:
-                if self.fresh:
-                    t.finish(seq)
-                else:
-                    self.throttle.acquire(0)
-                    self.writer.zero(e.start, e.length)
-                    t.finish(seq, zeroed=e.length)
-                continue
-            self._read(seq, e, self._buffer(e.length), 0)
+            self.waiting = None
+            self._read(seq, e, buf, 0)
 
     def handle_events(self) -> None:
         t = self.t
@@ -618,14 +639,19 @@ def checksum(
     def issue() -> None:  # up to ``depth`` reads in flight; zero chunks between them cost no slot
         nonlocal nxt, reads
         while nxt < n and reads < depth:
-            i, nxt = nxt, nxt + 1
+            i = nxt
             size = min(CHUNK, length - i * CHUNK)
             if i in zero_chunks and size == CHUNK:
                 pending.append((i, None, 0))
+                nxt += 1
                 continue
             if not free:
-                bufs.append(_POOL.get(CHUNK))
-                free.append(bufs[-1])
+                b = _POOL.get(CHUNK, must=reads == 0)
+                if b is None:  # the worker's buffer budget is spent: wait for a read of ours
+                    return
+                bufs.append(b)
+                free.append(b)
+            nxt += 1
             buf = free.pop()
             pending.append((i, buf, h.aio_pread(buf.view(size), i * CHUNK)))
             reads += 1

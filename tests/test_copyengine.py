@@ -105,3 +105,47 @@ def test_repeated_copies_and_checksums_hold_no_memory(tmp_path, source):
     assert rss[-1] - rss[0] < 44, rss  # 4 more rounds moved 4 x 2 x 44 MiB; a leak would keep it
     with transport.handle(str(source), "image", "raw") as h:
         assert digest == copyengine.checksum(h, SIZE, list(transport.extents(h, 0, SIZE)))
+
+
+def test_a_spent_buffer_budget_slows_copies_but_never_stops_them(tmp_path, source, monkeypatch):
+    """The worker's buffers have one budget that every copy and checksum shares. With a budget
+    smaller than one request per connection, two copies of 4 connections each and a checksum run
+    at the same time with a buffer or two each, never deadlock, and both targets hash like the
+    source; the buffers made stay within the budget plus one per connection and checksum."""
+    import threading
+
+    pool = copyengine._Pool(budget=1 * MiB)
+    monkeypatch.setattr(copyengine, "_POOL", pool)
+    targets = [tmp_path / f"dst{i}.raw" for i in range(2)]
+    errors = []
+
+    def one(target) -> None:
+        with open(target, "wb") as f:
+            f.truncate(SIZE)
+        with transport.handle(str(source), "image", "raw") as h:
+            plan = [e for e in transport.extents(h, 0, SIZE) if not e.zero]
+            more = [(transport.connect(str(source), "image", "raw"), copyengine.FileWriter(str(target))) for _ in range(3)]
+            w = copyengine.FileWriter(str(target))
+            try:
+                copyengine.copy(h, plan, w, fresh=True, more=more)
+            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                errors.append(e)
+            finally:
+                for s, ww in more:
+                    ww.close()
+                    transport.close(s)
+                w.close()
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in targets]
+    for th in threads:
+        th.start()
+    with transport.handle(str(source), "image", "raw") as h:
+        digest = copyengine.checksum(h, SIZE, list(transport.extents(h, 0, SIZE)))
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert pool.total <= 1 * MiB + 8 * copyengine.REQUEST + copyengine.CHUNK, pool.total
+    for t in targets:
+        assert sha256_file(t) == sha256_file(source)
+        with transport.handle(str(t), "image", "raw") as h:
+            assert copyengine.checksum(h, SIZE, list(transport.extents(h, 0, SIZE))) == digest

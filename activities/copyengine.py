@@ -1,11 +1,14 @@
 """The copy engine: extents in, bytes out. Resumable, throttled, no Temporal and no OpenStack.
 
-Each connection (a source handle and a writer, 4 by default, each in its own thread) runs a
-ring of libnbd AIO reads over pieces handed out in ascending order; a piece counts as done once
-written, and ``offset`` is the end of the longest run of done pieces from the start, so
-everything below it is on the target and a restart resumes exactly there.
-Zero extents are never read; on a fresh target they are not written either, and data chunks
-that turn out to be all zeroes are skipped the same way.
+Connections (a source handle and a writer each, 4 for large copies) are driven by THREADS
+threads, each polling its share; a connection keeps a ring of libnbd AIO reads over pieces handed
+out in ascending order. A piece counts as done once written, and ``offset`` is the end of the
+longest run of done pieces from the start, so everything below it is on the target and a restart
+resumes exactly there. Zero extents are never read; on a fresh target they are not written
+either, and data chunks that turn out to be all zeroes are skipped the same way. The target's
+writeback starts while the copy runs (background NBD flushes, sync_file_range), so the flush that
+ends a copy waits for the tail only. Buffers come from one pool per process with one budget
+(see _Buf for why they are never freed).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ CONNECTIONS = 4
 THREADS = 2  # threads driving the connections (each polls its share): one per core here
 DRAIN_TIMEOUT_S = 120.0  # after an error, how long a connection waits for its outstanding replies
 BUFFER_BUDGET = 160 * MiB  # copy and checksum buffers of a whole worker (every copy shares it)
-WRITEBACK_EVERY = 128 * MiB  # start the target's writeback after this many bytes (see FileWriter, _Conn)
+# the target's writeback starts during the copy, so the flush that ends it waits for the tail only:
+NBD_FLUSH_EVERY = 128 * MiB  # a background flush per connection (each is a full fdatasync on the server)
+FILE_WRITEBACK_EVERY = 8 * MiB  # sync_file_range per writer (only starts I/O: cheap, so often)
 READ_RETRIES = 4  # a source read that fails (EIO from a flaky disk) is tried again this often, at once
 ZEROES = bytes(CHUNK)
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -60,7 +65,7 @@ class FileWriter:
         while data:
             n = os.pwrite(self.fd, data, offset)
             data, offset = data[n:], offset + n
-        if self.unstarted >= WRITEBACK_EVERY:
+        if self.unstarted >= FILE_WRITEBACK_EVERY:
             # start writing the dirty pages to the device now, without waiting for them: the disk
             # works while the copy goes on, and the final fdatasync has only the tail left to wait for
             self.unstarted = 0
@@ -413,7 +418,7 @@ class _Conn:
         self.in_flight += 1
 
     def _flush(self) -> None:
-        """A flush in the background, every WRITEBACK_EVERY bytes: the server writes back what it
+        """A flush in the background, every NBD_FLUSH_EVERY bytes: the server writes back what it
         holds while the copy goes on (writes are not held up), so the flush that ends the copy
         waits for the tail only, not for the whole disk."""
         def done(err, ev=self.events) -> int:
@@ -465,7 +470,7 @@ class _Conn:
                 t.finish(seq, read=e.length, written=e.length)
                 self.free.append(buf)
                 self.unflushed += e.length
-                if self.unflushed >= WRITEBACK_EVERY and self.can_flush and not self.flushing:
+                if self.unflushed >= NBD_FLUSH_EVERY and self.can_flush and not self.flushing:
                     self._flush()
                 continue
             if err:  # the server failed the read: issue it again, or give up
@@ -503,7 +508,11 @@ def _drive(conns: list[_Conn], t: _Tracker) -> None:
                 c.fill()
             live = [c for c in live if not c.finished]
             if live and not any(c.events for c in live):
-                _wait([h for c in live for h in c.handles])
+                handles = [h for c in live for h in c.handles]
+                if len(handles) == 1:  # libnbd's own poll: no poll object to build per wake-up
+                    handles[0].poll(1000)
+                else:
+                    _wait(handles)
         for c in conns:
             c.writer.flush()
     except BaseException as exc:  # noqa: BLE001 - the first error stops every connection

@@ -27,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=copyengine.DEPTH)
     p.add_argument("--threads", type=int, default=copyengine.THREADS, help="threads driving the connections")
     p.add_argument("--request-kib", type=int, default=copyengine.REQUEST // 1024, help="copy request size")
-    p.add_argument("--writeback-mib", type=int, default=copyengine.WRITEBACK_EVERY >> 20,
-                   help="start the target's writeback every N MiB written (0: only the final flush)")
+    p.add_argument("--nbd-flush-mib", type=int, default=copyengine.NBD_FLUSH_EVERY >> 20,
+                   help="NBD target: a background flush every N MiB written per connection (0: only the final flush)")
+    p.add_argument("--file-writeback-mib", type=int, default=copyengine.FILE_WRITEBACK_EVERY >> 20,
+                   help="file target: start writeback every N MiB written per writer (0: only the final fdatasync)")
     p.add_argument("--connections", type=int, default=0, help="default: as the xms worker chooses")
     a = p.parse_args(argv)
     kind = "image" if a.src_image else "nbd"
-    copyengine.WRITEBACK_EVERY = (a.writeback_mib << 20) or 1 << 62
+    copyengine.NBD_FLUSH_EVERY = (a.nbd_flush_mib << 20) or 1 << 62
+    copyengine.FILE_WRITEBACK_EVERY = (a.file_writeback_mib << 20) or 1 << 62
     t0 = time.monotonic()
     src = transport.connect(a.src, kind, a.src_image or "raw", bitmap=a.bitmap)
     t_conn = time.monotonic()

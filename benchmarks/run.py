@@ -90,6 +90,23 @@ class Server:
         self.proc.wait()
 
 
+def settle(*warm: Path) -> None:
+    """The same start for every stage: nothing left to write back, and (as root, unless
+    XMS_BENCH_KEEP_CACHES=1) an empty page cache with only the stage's sources read into it. A
+    page cache filled by earlier stages makes every new page cost a reclaim: the same tools
+    measured 30-50 % slower in that state."""
+    os.sync()
+    if os.geteuid() == 0 and os.environ.get("XMS_BENCH_KEEP_CACHES") != "1":
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    for p in warm:
+        with open(p, "rb") as f:
+            while f.readinto(_WARM):
+                pass
+
+
+_WARM = bytearray(8 * MiB)
+
+
 def fresh_target(path: Path, size: int) -> None:
     path.unlink(missing_ok=True)
     with open(path, "wb") as f:
@@ -115,6 +132,7 @@ def full_copy(work: Path, runs: int) -> dict:
         "qemu-img convert": lambda s, d: ["qemu-img", "convert", "-n", "--target-is-zero", "-f", "raw", "-O", "raw", s, d],
     }
     results: dict[str, list[dict]] = {t: [] for t in tools}
+    settle(src)
     s = Server(src, work / "src.sock")
     try:
         for i in range(runs):
@@ -166,7 +184,7 @@ def bare_engine_file(src: Path, dst: Path, size: int, extra: list[str] | None = 
     return {"mib_s": mib_s(st["bytes_read"], st["copy_s"]), "peak_rss_mib": r["peak_rss_mib"], **st}
 
 
-def through_temporal(work: Path) -> dict:
+def through_temporal(work: Path, pairs: int) -> dict:
     """Cold migrations through the embedded stack (dev server + worker process): one 4 GiB disk
     against the bare engine on the same source into the same kind of target (a local raw file);
     then 1 vs 8 concurrent migrations on one worker."""
@@ -174,17 +192,29 @@ def through_temporal(work: Path) -> dict:
 
     src = work / "src-4g.raw"
     shutil.rmtree(work / "stack", ignore_errors=True)  # a fresh Temporal database and store each run
+    settle(src)
     st = start_stack(work / "stack")
     try:
         bare, e2e = [], []
-        for i in range(3):  # interleaved, so page cache and machine noise hit both alike
+
+        def run_bare() -> None:
+            os.sync()  # every run starts with nothing of the previous one still being written back
             bare.append(bare_engine_file(src, work / "bare-4g.raw", 4 * GiB)["mib_s"])
+            print(f"  bare engine      {bare[-1]:7.1f} MiB/s", flush=True)
+
+        def run_e2e(i: int) -> None:
+            os.sync()
             r = st.cli("migrate", f"bench-e2e-{i}", "--disk", str(src), "--project", "bench", "--volume-type",
                        "standard-ssd", "--no-snapshot", "--wait", "--json", timeout=1800)
             assert r.returncode == 0, r.stderr
             e2e.append(json.loads(r.stdout)["disks"][0]["throughput"] / MiB)
+            print(f"  through Temporal {e2e[-1]:7.1f} MiB/s", flush=True)
             for v in st.store().list_volumes(migration=f"bench-e2e-{i}"):
                 st.store().delete_volume(v.id)
+
+        for i in range(pairs):  # interleaved, each going first in turn: drift and page cache hit both alike
+            for step in ((run_bare, lambda: run_e2e(i)) if i % 2 == 0 else (lambda: run_e2e(i), run_bare)):
+                step()
         bare_m, e2e_m = statistics.median(bare), statistics.median(e2e)
         # concurrency: 512 MiB of data per disk
         disks = []
@@ -198,7 +228,7 @@ def through_temporal(work: Path) -> dict:
             t0 = time.monotonic()
             procs = [subprocess.Popen([PY, "-m", "xms", "migrate", n, "--disk", str(d), "--project", "bench",
                                        "--volume-type", "standard-ssd", "--no-snapshot", "--wait", "--json"],
-                                      env=st.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                      env={**st.env, "XMS_DEBUG": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                      for n, d in zip(names, ds)]
             total = 0
             for p in procs:
@@ -207,18 +237,25 @@ def through_temporal(work: Path) -> dict:
                 total += json.loads(out)["disks"][0]["bytes_copied"]
             return mib_s(total, time.monotonic() - t0)
 
+        settle(*disks)
         one = batch(["bench-one"], disks[:1])
         eight = batch([f"bench-eight-{i}" for i in range(8)], disks)
+        # the worker's high-water mark after every migration above (each copied and verified)
+        status = Path(f"/proc/{st.worker.pid}/status").read_text()
+        worker_rss = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
     finally:
         st.stop_worker()
         st.server.stop()
     return {"bare_engine_file_mib_s": bare_m, "temporal_copy_mib_s": e2e_m, "ratio": e2e_m / bare_m,
             "bare_runs": [round(x) for x in bare], "temporal_runs": [round(x) for x in e2e],
-            "one_migration_mib_s": one, "eight_migrations_aggregate_mib_s": eight, "concurrency_ratio": eight / one}
+            "one_migration_mib_s": one, "eight_migrations_aggregate_mib_s": eight, "concurrency_ratio": eight / one,
+            "worker_peak_rss_mib": worker_rss, "migrations_through_worker": pairs + 9}
 
 
-def incremental(work: Path) -> dict:
-    """A 4 GiB qcow2 (half data) fully copied, then 1 % of it changed and synced through its bitmap."""
+def incremental(work: Path, runs: int) -> dict:
+    """A 4 GiB qcow2 (half data) fully copied, then 1 % of it changed and synced through its bitmap;
+    each measured ``runs`` times (the full copy into a fresh target, the sync again from the same
+    frozen view: the same extents each time), medians compared."""
     from activities.transport.cbt import QuiescedImage
 
     raw = work / "src-4g.raw"
@@ -228,10 +265,15 @@ def incremental(work: Path) -> dict:
     tracker = QuiescedImage(str(q))
     dst = work / "inc-dst.raw"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    fresh_target(dst, 4 * GiB)
+    settle(q)
+    full_s = []
     with tracker.freeze(0):
-        full = timed([PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file"], env=env)
-    full_st = json.loads(full["stdout"])
+        for i in range(runs):
+            fresh_target(dst, 4 * GiB)
+            os.sync()
+            full = timed([PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file"], env=env)
+            full_s.append(json.loads(full["stdout"])["elapsed_s"])
+            print(f"  full copy        {full_s[-1]:.3f} s", flush=True)
     rng = random.Random(5)
     blocks = int(0.01 * 4 * GiB) // (64 * 1024)
     cmds = []
@@ -239,13 +281,19 @@ def incremental(work: Path) -> dict:
         cmds += ["-c", f"write -P {rng.randint(1, 255)} {rng.randrange(0, 4 * GiB // (64 * 1024)) * 64 * 1024} 64k"]
     for i in range(0, len(cmds), 400):
         subprocess.run(["qemu-io", "-f", "qcow2", *cmds[i:i + 400], str(q)], check=True, capture_output=True)
+    inc_s = []
     with tracker.freeze(1) as view:
-        inc = timed([PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file",
-                     "--bitmap", view.bitmap], env=env)
+        for i in range(runs):
+            os.sync()
+            inc = timed([PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file",
+                         "--bitmap", view.bitmap], env=env)
+            inc_st = json.loads(inc["stdout"])
+            inc_s.append(inc_st["elapsed_s"])
+            print(f"  incremental      {inc_s[-1]:.3f} s  {inc_st['phases_s']}", flush=True)
     tracker.stop()
-    inc_st = json.loads(inc["stdout"])
-    return {"full_s": full_st["elapsed_s"], "incremental_s": inc_st["elapsed_s"],
-            "ratio": inc_st["elapsed_s"] / full_st["elapsed_s"], "changed_bytes": blocks * 64 * 1024,
+    full_m, inc_m = statistics.median(full_s), statistics.median(inc_s)
+    return {"full_s": full_m, "incremental_s": inc_m, "ratio": inc_m / full_m, "changed_bytes": blocks * 64 * 1024,
+            "full_runs_s": [round(x, 3) for x in full_s], "incremental_runs_s": [round(x, 3) for x in inc_s],
             "incremental_bytes_read": inc_st["bytes_read"], "incremental_extents": inc_st["extents"]}
 
 
@@ -283,8 +331,8 @@ def main() -> int:
             return 1
     todo = a.only or ["full", "temporal", "incremental", "memory", "qos"]
     res: dict = {"machine": {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}}
-    steps = {"full": lambda: full_copy(a.workdir, a.runs), "temporal": lambda: through_temporal(a.workdir),
-             "incremental": lambda: incremental(a.workdir), "memory": lambda: memory(a.workdir),
+    steps = {"full": lambda: full_copy(a.workdir, a.runs), "temporal": lambda: through_temporal(a.workdir, a.runs),
+             "incremental": lambda: incremental(a.workdir, a.runs), "memory": lambda: memory(a.workdir),
              "qos": lambda: qos(a.workdir)}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     for k in todo:

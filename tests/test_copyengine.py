@@ -32,10 +32,10 @@ def _copy(src_path, writer, **kw) -> copyengine.CopyStats:
 
 
 def test_background_flushes_to_an_nbd_target(tmp_path, source, monkeypatch):
-    """Every WRITEBACK_EVERY bytes written a connection sends a flush without waiting for it: the
+    """Every NBD_FLUSH_EVERY bytes written a connection sends a flush without waiting for it: the
     server's log (nbdkit's log filter) shows flushes that were answered while writes still came,
     the last command of the copy is a flush, and the target hashes like the source."""
-    monkeypatch.setattr(copyengine, "WRITEBACK_EVERY", 8 * MiB)
+    monkeypatch.setattr(copyengine, "NBD_FLUSH_EVERY", 8 * MiB)
     target = tmp_path / "dst.img"
     with open(target, "wb") as f:
         f.truncate(SIZE)
@@ -61,7 +61,7 @@ def test_background_flushes_to_an_nbd_target(tmp_path, source, monkeypatch):
 def test_file_target_writeback_keeps_the_bytes(tmp_path, source, monkeypatch):
     """A file target with writeback started every 4 MiB (sync_file_range) and made durable by
     fdatasync: written, skipped and read bytes add up and the file hashes like the source."""
-    monkeypatch.setattr(copyengine, "WRITEBACK_EVERY", 4 * MiB)
+    monkeypatch.setattr(copyengine, "FILE_WRITEBACK_EVERY", 4 * MiB)
     target = tmp_path / "dst.raw"
     with open(target, "wb") as f:
         f.truncate(SIZE)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,9 @@ SOURCE_FORMS = ("nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, qmp+u
 # SIGTERM, so that it flushes what it holds (qcow2 metadata).
 SETPRIV = shutil.which("setpriv")
 BLOCK_STATUS_WINDOW = 1 << 30  # servers may refuse >= 4 GiB; qemu caps at 1 GiB anyway
+# read-only private qemu-nbd: io_uring where the kernel allows it (scattered reads of an incremental
+# sync: ~30 % faster than the thread pool, benchmarks/); None until the first start has shown it works
+_IO_URING: bool | None = None
 STATE_HOLE = 1
 STATE_ZERO = 2
 # connect() errors that mean "no server is answering there now", not "this is not a valid source"
@@ -105,9 +108,13 @@ def connect(
     With ``bitmap``, the export also offers ``qemu:dirty-bitmap:<bitmap>``. With
     ``retry_unreachable`` (a copy of a source that was admitted), an NBD server that does not
     answer is SourceUnreachable, which is retried: it may be restarting."""
-    h = nbd.NBD()
-    for ctx in (*meta_contexts, *([dirty_context(bitmap)] if bitmap else [])):
-        h.add_meta_context(ctx)
+    def handle() -> nbd.NBD:
+        h = nbd.NBD()
+        for ctx in (*meta_contexts, *([dirty_context(bitmap)] if bitmap else [])):
+            h.add_meta_context(ctx)
+        return h
+
+    h = handle()
     try:
         if kind == "nbd":
             h.connect_uri(location)
@@ -118,11 +125,32 @@ def connect(
                 argv.append("-r")
             if bitmap:
                 argv += ["-B", bitmap]
-            h.connect_systemd_socket_activation([*argv, "--", location])
+            h = _serve(handle, h, argv, location, io_uring=not writable)
     except nbd.Error as e:
         if retry_unreachable and kind == "nbd" and e.errnum in UNREACHABLE:
             raise SourceUnreachable(f"cannot reach source {location}: {e.string or e}") from None
         raise SourceUnreadable(f"cannot open {location}: {e.string or e}") from None
+    return h
+
+
+def _serve(handle: Callable[[], nbd.NBD], h: nbd.NBD, argv: list[str], location: str, io_uring: bool) -> nbd.NBD:
+    """Start the private qemu-nbd on ``h``; with ``io_uring`` it reads through io_uring, unless
+    this kernel or qemu refused that once (then never again in this process: a new handle, as a
+    handle whose connect failed cannot connect again)."""
+    global _IO_URING
+    if io_uring and _IO_URING is not False:
+        try:
+            h.connect_systemd_socket_activation([*argv, "--aio=io_uring", "--", location])
+            _IO_URING = True
+            return h
+        except nbd.Error:
+            if _IO_URING:  # io_uring works here: this failure is the image's, reported as it is
+                raise
+            h = handle()
+            h.connect_systemd_socket_activation([*argv, "--", location])  # fails too: the image's fault
+            _IO_URING = False
+            return h
+    h.connect_systemd_socket_activation([*argv, "--", location])
     return h
 
 

@@ -38,7 +38,7 @@ DEPTH = 64  # requests in flight, over all connections
 CONNECTIONS = 4
 THREADS = 2  # threads driving the connections (each polls its share): one per core here
 DRAIN_TIMEOUT_S = 120.0  # after an error, how long a connection waits for its outstanding replies
-BUFFER_BUDGET = 160 * MiB  # copy and checksum buffers of a whole worker (every copy shares it)
+BUFFER_BUDGET = 96 * MiB  # copy and checksum buffers of a whole worker, shared (XMS_COPY_BUFFER_MIB)
 # the target's writeback starts during the copy, so the flush that ends it waits for the tail only:
 NBD_FLUSH_EVERY = 128 * MiB  # a background flush per connection (each is a full fdatasync on the server)
 FILE_WRITEBACK_EVERY = 8 * MiB  # sync_file_range per writer (only starts I/O: cheap, so often)
@@ -328,6 +328,12 @@ class _Pool:
 
 
 _POOL = _Pool(BUFFER_BUDGET)
+
+
+def set_buffer_budget(nbytes: int) -> None:
+    """The budget of this process's copy and checksum buffers (a worker's XMS_COPY_BUFFER_MIB)."""
+    with _POOL.lock:
+        _POOL.budget = nbytes
 
 
 def _idle(handles: Iterable[nbd.NBD]) -> bool:

@@ -64,3 +64,21 @@ def test_configs_are_valid_or_refused_with_one_line(tmp_path_factory, doc):
         return
     for t in cfg.all_volume_types():  # a config that loads is usable
         assert t.backend in cfg.backends and t.granularity_gib >= 1
+
+
+def test_bad_settings_are_refused_with_one_line_naming_the_variable(tmp_path):
+    """A bad XMS_* variable: one line with its name and what is allowed, exit 1, and never the
+    value (it could be the payload key)."""
+    import os
+    import subprocess
+    import sys
+
+    for var, value, allowed in (("XMS_COPY_BUFFER_MIB", "2", "greater than or equal to 8"),
+                                ("XMS_COPY_BUFFER_MIB", "lots", "valid integer"),
+                                ("XMS_TARGET", "s3-secret-thing", "'local' or 'openstack'")):
+        r = subprocess.run([sys.executable, "-m", "xms", "list"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "XMS_DATA_DIR": str(tmp_path), var: value})
+        assert r.returncode == 1, r
+        line = r.stderr.strip()
+        assert "\n" not in line and line.startswith(f"xms: error: {var}: ") and allowed in line, line
+        assert value not in line

@@ -12,11 +12,12 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
+from activities import copyengine
 from activities.blockstorage import open_store
 from activities.migration import MigrationActivities
 from workflows.migration import MigrationWorkflow
 from xms import telemetry
-from xms.models import Phase
+from xms.models import MiB, Phase
 from xms.settings import Settings
 
 log = telemetry.get_logger(component="worker")
@@ -70,6 +71,7 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
 async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     client = await connect(settings)
     await ensure_search_attributes(client, settings)
+    copyengine.set_buffer_budget(settings.copy_buffer_mib * MiB)
     with ThreadPoolExecutor(max_workers=40, thread_name_prefix="xms-activity") as executor:
         workers = build_worker(client, settings, executor)
         counter = asyncio.create_task(count_phases(client))

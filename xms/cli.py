@@ -11,6 +11,7 @@ from functools import wraps
 from pathlib import Path
 
 import click
+import pydantic
 from rich.console import Console
 from rich.table import Table
 
@@ -43,6 +44,9 @@ def command(fn):
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as e:  # unexpected: still one line, the traceback with XMS_DEBUG=1
+            if isinstance(e, pydantic.ValidationError) and e.title == "Settings":  # a bad XMS_* variable:
+                # its name and what it may be, never its value (it may be the payload key)
+                fail("; ".join(f"XMS_{'_'.join(map(str, x['loc'])).upper()}: {x['msg']}" for x in e.errors()))
             if os.environ.get("XMS_DEBUG"):
                 raise
             fail(f"{type(e).__name__}: {e} (XMS_DEBUG=1 shows the traceback)")

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     # name travels in requests and history; credentials stay in clouds.yaml on the worker host.
     cloud: str | None = Field(default_factory=lambda: os.environ.get("OS_CLOUD"))
     payload_key: SecretStr | None = None  # encrypts every Temporal payload (see xms/codec.py)
+    # buffers of every copy and checksum this worker runs at once (the budget they share)
+    copy_buffer_mib: int = Field(default=96, ge=8, le=65536)
     log_format: str = "console"  # console | json
     log_level: str = "info"
 

@@ -266,6 +266,22 @@ def test_failed_attempt_keeps_its_bitmap_and_the_retry_commits(qsd, tmp_path):
         os.close(fd)
 
 
+def test_lost_tracking_is_change_tracking_lost(qsd, tmp_path):
+    """Every xms bitmap removed from the node (a VM restarted without its persistent bitmaps):
+    the next sync fails as ChangeTrackingLost, one line, non-retryable, and leaves nothing behind."""
+    from xms.errors import ChangeTrackingLost
+
+    disk, run = live(qsd, tmp_path), tmp_path / "run"
+    with disk.freeze(0):
+        pass
+    for name in disk.bitmaps():
+        disk.qmp("block-dirty-bitmap-remove", {"node": "disk0", "name": name})
+    with pytest.raises(ChangeTrackingLost) as e, disk.freeze(1):
+        pass
+    assert not e.value.retryable and "no xms dirty bitmap is left" in str(e.value) and "\n" not in str(e.value)
+    assert xms_state(disk, run) == {"bitmaps": {}, **CLEAN_EXPORTS}
+
+
 CRASHING_ATTEMPT = """
 import sys
 from pathlib import Path

@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
 from activities.transport.cbt import PREFIX, FrozenView, bitmap_name
-from xms.errors import InvalidRequest, SourceUnreadable, TransientIOError, XmsError
+from xms.errors import ChangeTrackingLost, InvalidRequest, SourceUnreadable, TransientIOError, XmsError
 
 GRANULARITY = 64 * 1024
 WAIT = 30.0  # seconds for QMP connect and for exports/jobs to go away
@@ -224,8 +224,8 @@ class LiveDisk:
                     if nxt in have:
                         return None
                     if not any(_gen(b) < g for b in have):
-                        raise SourceUnreadable(f"live disk {self.node}: no xms dirty bitmap is left (change "
-                                               "tracking was reset); a full sync is needed")
+                        raise ChangeTrackingLost(f"live disk {self.node}: no xms dirty bitmap is left (change "
+                                                 "tracking was reset); a full sync is needed")
                     # earlier generations failed before freezing: their (recording) bitmaps carry on as
                     # this one's; while both record, no write can fall between them
                     await c.execute("block-dirty-bitmap-add", {"node": node, "name": cur, "granularity": GRANULARITY,

@@ -52,7 +52,8 @@ def test_background_flushes_to_an_nbd_target(tmp_path, source, monkeypatch):
     commands = re.findall(r"connection=\d+ (Write|Flush) id=\d+ ", (tmp_path / "log").read_text())
     flushes = [i for i, c in enumerate(commands) if c == "Flush"]
     last_write = max(i for i, c in enumerate(commands) if c == "Write")
-    assert len(flushes) >= 4, commands.count("Flush")  # 44 MiB / 8 MiB, plus the final one
+    # one flush at a time per connection, so how many depends on the disk; at least one came early
+    assert len(flushes) >= 2, commands.count("Flush")
     assert flushes[0] < last_write, "no flush was sent while the copy was still writing"
     assert commands[-1] == "Flush"
     assert sha256_file(target) == sha256_file(source)
@@ -144,7 +145,9 @@ def test_a_spent_buffer_budget_slows_copies_but_never_stops_them(tmp_path, sourc
     for th in threads:
         th.join()
     assert not errors, errors
-    assert pool.total <= 1 * MiB + 8 * copyengine.REQUEST + copyengine.CHUNK, pool.total
+    # beyond the budget only what a connection with nothing in flight must get (one buffer per size
+    # class, 64 KiB .. REQUEST, as its pieces grow) and the checksum's first chunk
+    assert pool.total <= 1 * MiB + 8 * (2 * copyengine.REQUEST - 64 * 1024) + copyengine.CHUNK, pool.total
     for t in targets:
         assert sha256_file(t) == sha256_file(source)
         with transport.handle(str(t), "image", "raw") as h:

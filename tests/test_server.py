@@ -79,3 +79,35 @@ def test_demo_completes_with_matching_checksums(tmp_path):
     assert sums[("disk0", "source")] == sums[("disk0", "target")]
     assert sums[("disk1", "source")] == sums[("disk1", "target")]
     assert "Web UI: http://127.0.0.1:" in r.stdout
+
+
+def test_dev_server_ready_only_when_its_own_frontend_answers(tmp_path, monkeypatch):
+    """A listener that is not Temporal's frontend on the chosen port is not readiness.
+
+    The race seen in CI: the frontend port was taken between our check and the server's bind
+    (by one of the server's own randomly placed services); the port accepted connections, the
+    frontend had panicked. Here another socket holds the port and the free-port check is skipped.
+    """
+    import socket
+
+    from workers import devserver
+    from xms.errors import XmsError
+
+    monkeypatch.setattr(devserver, "check_port_free", lambda *a: None)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        server = devserver.DevServer(host="127.0.0.1", port=port, ui_port=free_port(),
+                                     db_file=tmp_path / "t.db", log_file=tmp_path / "t.log")
+        with pytest.raises(XmsError, match="exited"):
+            server.start()
+        server.stop()
+    assert "address already in use" in (tmp_path / "t.log").read_text(errors="replace")
+
+
+def test_free_ports_lie_below_the_ephemeral_range():
+    """The dev server's own five extra listeners take ephemeral ports; ours must not be one of them."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = {free_port() for _ in range(50)}
+    assert all(10000 <= p < low for p in ports) and len(ports) > 40

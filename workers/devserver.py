@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import errno
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,10 +45,49 @@ def check_port_free(host: str, port: int, what: str) -> None:
             raise
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now and lies below the kernel's ephemeral range.
+
+    The dev server binds five more listeners of its own on ports the kernel picks from the
+    ephemeral range after we have chosen ours; a port from that range (what bind to port 0
+    returns) can be handed to one of them before the frontend binds it, and the server dies.
+    """
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _frontend_answers(address: str) -> bool:
+    """True once Temporal's frontend service answers on ``address`` (not just anything listening)."""
+    from temporalio.client import Client
+
+    async def probe() -> None:
+        await asyncio.wait_for(Client.connect(address), 5)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # own thread: callers may run an event loop
+        try:
+            pool.submit(asyncio.run, probe()).result()
+            return True
+        except Exception:
+            return False
 
 
 @dataclass
@@ -83,9 +125,13 @@ class DevServer:
                 raise XmsError(f"temporal dev server exited with code {self.proc.returncode} (log: {self.log_file})")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return self
+                    pass
             except OSError:
                 time.sleep(0.1)  # readiness poll with a deadline
+                continue
+            if _frontend_answers(self.address):  # the port can belong to another listener: ask the frontend itself
+                return self
+            time.sleep(0.1)
         self.stop()
         raise XmsError(f"temporal dev server did not listen on {self.address} within {timeout:.0f}s")
 

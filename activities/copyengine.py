@@ -41,7 +41,7 @@ DRAIN_TIMEOUT_S = 120.0  # after an error, how long a connection waits for its o
 BUFFER_BUDGET = 96 * MiB  # copy and checksum buffers of a whole worker, shared (XMS_COPY_BUFFER_MIB)
 # the target's writeback starts during the copy, so the flush that ends it waits for the tail only:
 NBD_FLUSH_EVERY = 128 * MiB  # a background flush per connection (each is a full fdatasync on the server)
-FILE_WRITEBACK_EVERY = 8 * MiB  # sync_file_range per writer (only starts I/O: cheap, so often)
+FILE_WRITEBACK_EVERY = 4 * MiB  # sync_file_range per writer, in its own thread (see FileWriter)
 READ_RETRIES = 4  # a source read that fails (EIO from a flaky disk) is tried again this often, at once
 ZEROES = bytes(CHUNK)
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -54,11 +54,20 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 class FileWriter:
-    """Raw file or block device on this host (local store volumes, os-brick attachments)."""
+    """Raw file or block device on this host (local store volumes, os-brick attachments).
+
+    Every FILE_WRITEBACK_EVERY bytes written, a thread of the writer's own starts writeback of the
+    file's dirty pages (sync_file_range): submitting that I/O is CPU work in the caller (the page
+    walk, the block layer), which inline held up the copy's reads; in its own thread (ctypes
+    releases the GIL) it runs on the other core while the copy goes on, and the final fdatasync
+    waits for the tail only."""
 
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        self.unstarted = 0  # bytes written since writeback was last started
+        self.unstarted = 0  # bytes written since writeback was last asked for
+        self.kick = threading.Event()
+        self.closing = False
+        self.writeback: threading.Thread | None = None  # started with the first request
 
     def write(self, offset: int, data: memoryview) -> None:
         self.unstarted += len(data)
@@ -66,9 +75,19 @@ class FileWriter:
             n = os.pwrite(self.fd, data, offset)
             data, offset = data[n:], offset + n
         if self.unstarted >= FILE_WRITEBACK_EVERY:
-            # start writing the dirty pages to the device now, without waiting for them: the disk
-            # works while the copy goes on, and the final fdatasync has only the tail left to wait for
             self.unstarted = 0
+            if self.writeback is None:
+                self.writeback = threading.Thread(target=self._write_back, name="xms-writeback", daemon=True)
+                self.writeback.start()
+            self.kick.set()
+
+    def _write_back(self) -> None:
+        while True:
+            self.kick.wait()
+            self.kick.clear()
+            if self.closing:
+                return
+            # start writing every dirty page of the file to the device, without waiting for it
             _libc.sync_file_range(self.fd, ctypes.c_long(0), ctypes.c_long(0), _SYNC_FILE_RANGE_WRITE)
 
     def zero(self, offset: int, length: int) -> None:
@@ -82,6 +101,10 @@ class FileWriter:
         os.fdatasync(self.fd)  # the size never changes: the data and the block map are what matter
 
     def close(self) -> None:
+        if self.writeback is not None:  # it must not touch the fd once closed (or reused)
+            self.closing = True
+            self.kick.set()
+            self.writeback.join()
         os.close(self.fd)
 
 
@@ -370,7 +393,7 @@ class _Conn:
         self.dst = writer.h if isinstance(writer, NbdWriter) else None
         self.handles = [src] if self.dst is None else [src, self.dst]
         self.held: list[_Buf] = []  # from _POOL on demand, at most ``depth``, sized to the pieces
-        self.free: list[_Buf] = []
+        self.free: dict[int, list[_Buf]] = {}  # of the held ones, those not in use, by size
         self.in_flight = 0
         self.events: deque[tuple[int, int, Extent, _Buf, int, int]] = deque()  # kind, seq, e, buf, tries, errno
         self.more = True
@@ -385,17 +408,16 @@ class _Conn:
 
     def _buffer(self, n: int) -> _Buf | None:
         """A buffer for ``n`` bytes, or None: wait until one of this connection's comes back."""
-        fits = [b for b in self.free if len(b) >= n]
-        if fits:
-            b = min(fits, key=len)
-            self.free.remove(b)
-            return b
-        if self.free and (len(self.held) >= self.depth or self.in_flight == 0):
-            small = min(self.free, key=len)  # too small for this piece: swap it for a bigger one
-            self.free.remove(small)
+        size = _buffer_size(n)
+        fits = self.free.get(size) or next((self.free[s] for s in sorted(self.free) if s > size and self.free[s]), None)
+        if fits:  # the pieces of a copy mostly share one size class: usually the first lookup
+            return fits.pop()
+        idle = [s for s, bs in self.free.items() if bs]
+        if idle and (len(self.held) >= self.depth or self.in_flight == 0):
+            small = self.free[min(idle)].pop()  # too small for this piece: swap it for a bigger one
             self.held.remove(small)
             _POOL.put([small])
-        b = _POOL.get(_buffer_size(n), must=self.in_flight == 0)
+        b = _POOL.get(size, must=self.in_flight == 0)
         if b is not None:
             self.held.append(b)
         return b
@@ -405,7 +427,7 @@ class _Conn:
         that did not drain in time keeps them)."""
         if _idle(self.handles):
             _POOL.put(self.held)
-        self.held, self.free = [], []
+        self.held, self.free = [], {}
 
     def _read(self, seq: int, e: Extent, buf: _Buf, tries: int) -> None:
         def done(err, ev=self.events) -> int:
@@ -474,7 +496,7 @@ class _Conn:
                 if err:
                     raise nbd.Error(f"write at offset {e.start} failed: {os.strerror(err)}", err)
                 t.finish(seq, read=e.length, written=e.length)
-                self.free.append(buf)
+                self.free.setdefault(len(buf), []).append(buf)
                 self.unflushed += e.length
                 if self.unflushed >= NBD_FLUSH_EVERY and self.can_flush and not self.flushing:
                     self._flush()
@@ -492,7 +514,7 @@ class _Conn:
                 else:
                     self.writer.zero(e.start, e.length)
                     t.finish(seq, read=e.length, zeroed=e.length)
-                self.free.append(buf)
+                self.free.setdefault(len(buf), []).append(buf)
                 continue
             self.throttle.acquire(e.length)
             if self.dst is not None:
@@ -500,7 +522,7 @@ class _Conn:
             else:
                 self.writer.write(e.start, memoryview(buf.data)[: e.length])
                 t.finish(seq, read=e.length, written=e.length)
-                self.free.append(buf)
+                self.free.setdefault(len(buf), []).append(buf)
 
 
 def _drive(conns: list[_Conn], t: _Tracker) -> None:

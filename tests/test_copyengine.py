@@ -60,8 +60,9 @@ def test_background_flushes_to_an_nbd_target(tmp_path, source, monkeypatch):
 
 
 def test_file_target_writeback_keeps_the_bytes(tmp_path, source, monkeypatch):
-    """A file target with writeback started every 4 MiB (sync_file_range) and made durable by
-    fdatasync: written, skipped and read bytes add up and the file hashes like the source."""
+    """A file target with writeback started every 4 MiB (sync_file_range, in the writer's own
+    thread) and made durable by fdatasync: writeback was started while the copy ran, written,
+    skipped and read bytes add up, the file hashes like the source and the thread is gone."""
     monkeypatch.setattr(copyengine, "FILE_WRITEBACK_EVERY", 4 * MiB)
     target = tmp_path / "dst.raw"
     with open(target, "wb") as f:
@@ -74,7 +75,8 @@ def test_file_target_writeback_keeps_the_bytes(tmp_path, source, monkeypatch):
         stats = _copy(source, w)
     finally:
         w.close()
-    assert len(calls) >= 44 // 4 - 1  # each writer starts writeback for every 4 MiB it wrote
+    assert calls  # requests coalesce while one runs: how many depends on the disk
+    assert w.writeback is not None and not w.writeback.is_alive()
     assert stats.bytes_read == stats.bytes_written + stats.zero_bytes_skipped
     assert sha256_file(target) == sha256_file(source)
 

@@ -198,12 +198,12 @@ def through_temporal(work: Path, pairs: int) -> dict:
         bare, e2e = [], []
 
         def run_bare() -> None:
-            os.sync()  # every run starts with nothing of the previous one still being written back
+            settle(src)  # every run starts alike: nothing of the previous one in flight or cached
             bare.append(bare_engine_file(src, work / "bare-4g.raw", 4 * GiB)["mib_s"])
             print(f"  bare engine      {bare[-1]:7.1f} MiB/s", flush=True)
 
         def run_e2e(i: int) -> None:
-            os.sync()
+            settle(src)
             r = st.cli("migrate", f"bench-e2e-{i}", "--disk", str(src), "--project", "bench", "--volume-type",
                        "standard-ssd", "--no-snapshot", "--wait", "--json", timeout=1800)
             assert r.returncode == 0, r.stderr

@@ -192,7 +192,6 @@ def through_temporal(work: Path, pairs: int) -> dict:
 
     src = work / "src-4g.raw"
     shutil.rmtree(work / "stack", ignore_errors=True)  # a fresh Temporal database and store each run
-    settle(src)
     st = start_stack(work / "stack")
     try:
         bare, e2e = [], []

@@ -75,6 +75,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _frontend_answers(address: str) -> bool:
     """True once Temporal's frontend service answers on ``address`` (not just anything listening)."""
     from temporalio.client import Client
@@ -123,15 +131,10 @@ class DevServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise XmsError(f"temporal dev server exited with code {self.proc.returncode} (log: {self.log_file})")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    pass
-            except OSError:
-                time.sleep(0.1)  # readiness poll with a deadline
-                continue
-            if _frontend_answers(self.address):  # the port can belong to another listener: ask the frontend itself
+            # a listening port is not enough (it can be another listener's): ask the frontend itself
+            if _listening(self.host, self.port) and _frontend_answers(self.address):
                 return self
-            time.sleep(0.1)
+            time.sleep(0.1)  # readiness poll with a deadline
         self.stop()
         raise XmsError(f"temporal dev server did not listen on {self.address} within {timeout:.0f}s")
 

@@ -1,6 +1,6 @@
 """The xms benchmark suite: one command, its own inputs, every tool measured in the same run.
 
-    .venv/bin/python -m benchmarks.run [--runs 5] [--workdir /var/tmp/xms-bench] [--json FILE]
+    .venv/bin/python -m benchmarks.run [--runs 5] [--workdir /var/tmp/xms-bench] [--json FILE] [--keep-inputs]
 
 Measures, on the same NBD endpoints (qemu-nbd serving the source read-only and a fresh sparse
 raw target): the xms copy engine, ``nbdcopy`` and ``qemu-img convert`` (median of N runs,
@@ -8,6 +8,8 @@ interleaved); then a cold migration end to end through Temporal against the bare
 same source and the same kind of target; an incremental sync of a 1 %-changed disk against
 the full copy; peak RSS for a 1 GiB and a 16 GiB sparse disk; 8 concurrent migrations on one
 worker against one; and a volume type limited to 50 MiB/s. Prints a table and writes JSON.
+The work directory (~25 GiB of inputs and targets) is removed at the end unless ``--keep-inputs``
+(a later run then reuses the inputs); a ``--workdir`` of your own that was not empty is left alone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+WORKDIR = Path("/var/tmp/xms-bench")
 sys.path.insert(0, str(ROOT))
 
 from xms.models import GiB, MiB  # noqa: E402
@@ -319,10 +322,12 @@ def qos(work: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--workdir", type=Path, default=Path("/var/tmp/xms-bench"))
+    p.add_argument("--workdir", type=Path, default=WORKDIR)
+    p.add_argument("--keep-inputs", action="store_true", help="keep the inputs for the next run (~25 GiB)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     p.add_argument("--only", nargs="*", choices=["full", "temporal", "incremental", "memory", "qos"])
     a = p.parse_args()
+    ours = a.workdir == WORKDIR or not a.workdir.exists() or not any(a.workdir.iterdir())
     a.workdir.mkdir(parents=True, exist_ok=True)
     for tool in ("nbdcopy", "qemu-img", "qemu-nbd", "qemu-io"):
         if not shutil.which(tool):
@@ -334,11 +339,17 @@ def main() -> int:
              "incremental": lambda: incremental(a.workdir, a.runs), "memory": lambda: memory(a.workdir),
              "qos": lambda: qos(a.workdir)}
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    for k in todo:
-        print(f"== {k}", flush=True)
-        res[k] = steps[k]()
-        print(json.dumps(res[k], indent=1), flush=True)
-        a.json.write_text(json.dumps(res, indent=2))  # after every step: a failure later keeps these
+    try:
+        for k in todo:
+            print(f"== {k}", flush=True)
+            res[k] = steps[k]()
+            print(json.dumps(res[k], indent=1), flush=True)
+            a.json.write_text(json.dumps(res, indent=2))  # after every step: a failure later keeps these
+    finally:
+        if ours and not a.keep_inputs:
+            shutil.rmtree(a.workdir, ignore_errors=True)
+        else:
+            print(f"inputs kept in {a.workdir}")
     print(f"results: {a.json}")
     return 0
 

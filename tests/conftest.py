@@ -28,6 +28,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _exit_status = 0
 
+# Peak disk use of a full run (measured with df sampling: guest images, the shared stack's volumes,
+# the largest test's disks), plus headroom; passed tests' directories are removed as they finish
+# (tmp_path_retention_policy = "failed" in pyproject.toml).
+NEEDED_FREE_GIB = 10
+
+
+def pytest_sessionstart(session):
+    import shutil
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free / GiB
+    whole = session.config.args_source == pytest.Config.ArgsSource.TESTPATHS and not session.config.option.keyword
+    if whole and free < NEEDED_FREE_GIB:
+        pytest.exit(f"the full test run needs {NEEDED_FREE_GIB} GiB free in {tempfile.gettempdir()}, "
+                    f"there is {free:.1f} GiB: free some space (or run a subset of the tests)", returncode=3)
+
 
 def pytest_sessionfinish(session, exitstatus):
     global _exit_status

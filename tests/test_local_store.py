@@ -286,6 +286,34 @@ def test_delete_volume_removes_files_and_frees_quota(store):
         store.get_volume(vol.id)
 
 
+def test_a_demo_removes_what_earlier_demos_left_and_nothing_else(store):
+    """Repeated `make demo` runs must not fill the disk: earlier demo migrations' volumes, snapshots,
+    instances and reservations go; another project's volume stays."""
+    from rich.console import Console
+
+    from xms.demo import DEMO_PROJECT, _remove_earlier_demos
+
+    kept = []
+    for name, project in (("demo-cold-1", DEMO_PROJECT), ("demo-warm-1", DEMO_PROJECT), ("prod-1", "prod")):
+        res = store.reserve(project, name, "standard-ssd", [1, 1])
+        for i in (0, 1):
+            v = store.create_volume(reservation_id=res.id, migration=name, disk_index=i, name=f"{name}-disk{i}",
+                                    size_gib=1, volume_type="standard-ssd", availability_zone="zone-a",
+                                    metadata={"xms.migration": name})
+            kept.append((v, store.create_snapshot(v.id, "post")))
+        store.attach(store.ensure_instance(name, project).id, v.id, 0)
+    console = Console(record=True, width=200)
+    _remove_earlier_demos(store, console)
+    assert "removed 4 volumes" in console.export_text()
+    assert [v.name for v in store.list_volumes()] == ["prod-1-disk0", "prod-1-disk1"]
+    for v, snap in kept:
+        assert Path(v.path).exists() == Path(snap.path).exists() == (v.project == "prod")
+    assert usage(store, DEMO_PROJECT, "gigabytes")[1:] == (0, 0)
+    assert store.get_instance("demo-cold-1") is None and store.get_instance("prod-1").volume_ids
+    _remove_earlier_demos(store, console)  # nothing left to remove: no second line
+    assert console.export_text() == ""
+
+
 # --------------------------------------------------------------------------- encryption
 
 

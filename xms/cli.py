@@ -412,13 +412,8 @@ async def cleanup(name, temporal):
     if status_ not in (None, "FAILED", "CANCELED", "TERMINATED", "TIMED_OUT"):
         fail(f"migration {name} is {status_}; cleanup only removes what a failed, cancelled or terminated "
              f"migration left (cancel a running one with `xms cancel {name}`)")
-    store = _store(s)
-    store.delete_instance(name)
-    vols = store.list_volumes(migration=name)
-    for v in vols:
-        store.delete_volume(v.id)
-    store.release_migration(name)
-    out.print(f"{name}: deleted {len(vols)} volume(s) and the instance record; reservation released")
+    n = remove_migration(_store(s), name)
+    out.print(f"{name}: deleted {n} volume(s) and the instance record; reservation released")
 
 
 # ------------------------------------------------------------------------------ block storage
@@ -428,6 +423,17 @@ def _store(s: Settings):
     from activities.blockstorage import open_store
 
     return open_store(s)
+
+
+def remove_migration(store, name: str) -> int:
+    """Delete a migration's instance record, volumes (with their snapshots) and reservation; the count
+    of volumes deleted. Idempotent."""
+    store.delete_instance(name)
+    vols = store.list_volumes(migration=name)
+    for v in vols:
+        store.delete_volume(v.id)
+    store.release_migration(name)
+    return len(vols)
 
 
 @cli.command("volume-types")

@@ -18,6 +18,8 @@ from xms import client as xc
 from xms.models import GiB, MiB, Phase
 from xms.settings import Settings
 
+DEMO_PROJECT = "demo"
+
 
 def make_disk(path: Path, size: int, regions: list[tuple[int, int]], fmt: str = "raw", seed: int = 0) -> Path:
     """A sparse disk of ``size`` bytes with random data in ``regions`` (offset, length) and holes elsewhere;
@@ -67,6 +69,9 @@ async def run_demo(settings: Settings, size_gib: int, console: Console, modes: t
     demo_dir = settings.data_dir / "demo"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = False
+    from xms.cli import _store
+
+    _remove_earlier_demos(_store(settings), console)
     async with AsyncExitStack() as stack:
         if _reachable(settings.temporal_address):
             console.print(f"using the running xms server at {settings.temporal_address}")
@@ -87,13 +92,25 @@ async def run_demo(settings: Settings, size_gib: int, console: Console, modes: t
             raise SystemExit(1)
 
 
+def _remove_earlier_demos(store, console: Console) -> None:
+    """Each demo keeps its volumes for inspection until the next demo starts: repeated demos must not
+    fill the disk (each leaves ~1 GiB of volumes and snapshots). Only project "demo" is touched."""
+    from xms.cli import remove_migration
+
+    names = sorted({v.metadata.get("xms.migration", "") for v in store.list_volumes(project=DEMO_PROJECT)} - {""})
+    n = sum(remove_migration(store, name) for name in names)
+    if n:
+        console.print(f"removed {n} volumes (and their snapshots) of {len(names)} earlier demo migrations "
+                      f"in project {DEMO_PROJECT}", soft_wrap=True)
+
+
 async def _cold(c, settings: Settings, console: Console, demo_dir: Path, stamp: str, size_gib: int) -> bool:
     from xms.cli import watch
 
     console.print(f"\n[bold]1. cold migration[/bold]: building a two-disk sample VM in {demo_dir} …")
     disks = sample_vm(demo_dir, size_gib)
     name = f"demo-cold-{stamp}"
-    req = xc.build_request(name=name, disks=[str(d) for d in disks], project="demo",
+    req = xc.build_request(name=name, disks=[str(d) for d in disks], project=DEMO_PROJECT,
                            volume_type="standard-ssd", mode="cold")
     adm = await xc.submit(c, settings, req)
     console.print(f"migration {name} accepted: {adm.footprint_gib} GiB reserved in project demo")
@@ -120,7 +137,7 @@ async def _warm(c, settings: Settings, console: Console, demo_dir: Path, stamp: 
     app = make_disk(demo_dir / "app.qcow2", 512 * MiB, [(16 * MiB, 96 * MiB), (300 * MiB, 32 * MiB)],
                     fmt="qcow2", seed=3)
     name = f"demo-warm-{stamp}"
-    req = xc.build_request(name=name, disks=[str(app)], project="demo", volume_type="standard-ssd",
+    req = xc.build_request(name=name, disks=[str(app)], project=DEMO_PROJECT, volume_type="standard-ssd",
                            mode="warm", sync_interval_s=3600)
     await xc.submit(c, settings, req)
     v = await _until(c, name, lambda v: v.phase == Phase.READY, "the full sync")

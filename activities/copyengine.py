@@ -202,7 +202,7 @@ class CopyStats:
 def split(extents: Iterable[Extent], chunk: int = CHUNK) -> Iterable[Extent]:
     """Data extents cut at chunk-aligned boundaries (so requests stay small and aligned)."""
     for e in extents:
-        if e.zero:
+        if e.zero or e.start // chunk == (e.end - 1) // chunk:  # within one chunk: as it is
             yield e
             continue
         pos = e.start
@@ -316,6 +316,12 @@ class _Buf:
         return v
 
 
+def _fitting(by_size: dict[int, list[_Buf]], size: int) -> list[_Buf] | None:
+    """The non-empty list of the smallest size class >= ``size``. The pieces of a copy mostly
+    share one size class: usually the first lookup, without sorting."""
+    return by_size.get(size) or next((by_size[s] for s in sorted(by_size) if s > size and by_size[s]), None)
+
+
 class _Pool:
     """The buffers of the process, idle ones by size, within a budget: concurrent copies and
     checksums share it, each keeping fewer requests in flight when many run, so a worker's memory
@@ -332,9 +338,9 @@ class _Pool:
         allows; None if not. ``must``: the caller has nothing in flight that would give one back,
         so it gets a buffer even beyond the budget (every copy always makes progress)."""
         with self.lock:
-            for s in sorted(self.idle):
-                if s >= size and self.idle[s]:
-                    return self.idle[s].pop()
+            fits = _fitting(self.idle, size)
+            if fits:
+                return fits.pop()
             if self.total + size > self.budget and not must:
                 return None
             self.total += size
@@ -409,8 +415,8 @@ class _Conn:
     def _buffer(self, n: int) -> _Buf | None:
         """A buffer for ``n`` bytes, or None: wait until one of this connection's comes back."""
         size = _buffer_size(n)
-        fits = self.free.get(size) or next((self.free[s] for s in sorted(self.free) if s > size and self.free[s]), None)
-        if fits:  # the pieces of a copy mostly share one size class: usually the first lookup
+        fits = _fitting(self.free, size)
+        if fits:
             return fits.pop()
         idle = [s for s, bs in self.free.items() if bs]
         if idle and (len(self.held) >= self.depth or self.in_flight == 0):

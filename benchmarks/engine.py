@@ -1,7 +1,7 @@
 """Run the xms copy engine once, as its own process (so its peak RSS can be measured), and print
 its statistics as JSON. Used by benchmarks/run.py; handy alone too:
 
-    python -m benchmarks.engine SRC DST [--dst-file] [--src-image FMT] [--bitmap NAME] [--qos-bps N]
+    python -m benchmarks.engine SRC DST [--dst-file] [--src-image FMT] [--bitmap NAME] [--qos-bps N] [--repeat N]
 """
 
 from __future__ import annotations
@@ -32,10 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--file-writeback-mib", type=int, default=copyengine.FILE_WRITEBACK_EVERY >> 20,
                    help="file target: start writeback every N MiB written per writer (0: only the final fdatasync)")
     p.add_argument("--connections", type=int, default=0, help="default: as the xms worker chooses")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="copy N times in this one process, one JSON line each: the second and later run "
+                        "warm, as a worker's later syncs do")
     a = p.parse_args(argv)
-    kind = "image" if a.src_image else "nbd"
     copyengine.NBD_FLUSH_EVERY = (a.nbd_flush_mib << 20) or 1 << 62
     copyengine.FILE_WRITEBACK_EVERY = (a.file_writeback_mib << 20) or 1 << 62
+    for _ in range(a.repeat):
+        json.dump(run(a), sys.stdout)
+        print(flush=True)
+    return 0
+
+
+def run(a: argparse.Namespace) -> dict:
+    kind = "image" if a.src_image else "nbd"
     t0 = time.monotonic()
     src = transport.connect(a.src, kind, a.src_image or "raw", bitmap=a.bitmap)
     t_conn = time.monotonic()
@@ -60,14 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         transport.close(h)
     t_end = time.monotonic()
     elapsed = t_end - t0
-    json.dump({
+    return {
         "size": size, "allocated": allocated, "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written,
         "zero_bytes_written": stats.zero_bytes_written, "copy_s": stats.elapsed, "elapsed_s": elapsed,
         "extents": len(plan), "connections": n,
         "phases_s": {"connect": t_conn - t0, "plan": t_plan - t_conn, "more_connections": t_more - t_plan,
                      "copy": stats.elapsed, "close": t_end - t_more - stats.elapsed},
-    }, sys.stdout)
-    return 0
+    }
 
 
 if __name__ == "__main__":

@@ -154,3 +154,19 @@ def test_a_spent_buffer_budget_slows_copies_but_never_stops_them(tmp_path, sourc
         assert sha256_file(t) == sha256_file(source)
         with transport.handle(str(t), "image", "raw") as h:
             assert copyengine.checksum(h, SIZE, list(transport.extents(h, 0, SIZE))) == digest
+
+
+def test_split_cuts_data_at_chunk_boundaries_only():
+    """Pieces cover the plan exactly; data is cut at chunk-aligned offsets, an extent inside one
+    chunk (an incremental sync's 64 KiB block) comes through as it is, zero extents are never cut."""
+    E = transport.Extent
+    chunk = 4 * MiB
+    plan = [E(0, 64 * 1024, False), E(3 * MiB, 2 * MiB, False), E(5 * MiB, 20 * MiB, True),
+            E(25 * MiB, 9 * MiB, False)]
+    pieces = list(copyengine.split(plan, chunk))
+    assert pieces[0] is plan[0]
+    assert [(p.start, p.end) for p in pieces[1:3]] == [(3 * MiB, 4 * MiB), (4 * MiB, 5 * MiB)]
+    assert pieces[3] is plan[2]
+    assert [(p.start, p.length) for p in pieces[4:]] == [(25 * MiB, 3 * MiB), (28 * MiB, 4 * MiB),
+                                                        (32 * MiB, 2 * MiB)]
+    assert sum(p.length for p in pieces) == sum(e.length for e in plan)

@@ -24,6 +24,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from activities import copyengine
+from activities.blockstorage import delete_migration_volumes
 from activities.blockstorage.port import BlockStorage
 from activities.transport import cbt
 from activities.transport import nbd as transport
@@ -486,13 +487,8 @@ class MigrationActivities:
     @_errors
     def cleanup(self, inp: CleanupInput) -> None:
         """Undo what a failed or cancelled migration made: idempotent, safe to retry."""
-        deleted = []
-        if inp.delete_volumes:
-            self.store.delete_instance(inp.migration)
-            ids = set(inp.volume_ids) | {v.id for v in self.store.list_volumes(migration=inp.migration)}
-            for vid in sorted(ids):
-                self.store.delete_volume(vid)
-                deleted.append(vid)
+        deleted = (delete_migration_volumes(self.store, inp.migration, tuple(inp.volume_ids))
+                   if inp.delete_volumes else [])
         if inp.reservation_id:
             self.store.release(inp.reservation_id)
         self.store.release_migration(inp.migration)  # a reserve that committed after cancel

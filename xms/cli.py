@@ -428,12 +428,11 @@ def _store(s: Settings):
 def remove_migration(store, name: str) -> int:
     """Delete a migration's instance record, volumes (with their snapshots) and reservation; the count
     of volumes deleted. Idempotent."""
-    store.delete_instance(name)
-    vols = store.list_volumes(migration=name)
-    for v in vols:
-        store.delete_volume(v.id)
+    from activities.blockstorage import delete_migration_volumes
+
+    n = len(delete_migration_volumes(store, name))
     store.release_migration(name)
-    return len(vols)
+    return n
 
 
 @cli.command("volume-types")

@@ -64,14 +64,13 @@ def _reachable(address: str) -> bool:
 
 
 async def run_demo(settings: Settings, size_gib: int, console: Console, modes: tuple[str, ...] = ("cold", "warm")) -> None:
+    from activities.blockstorage import open_store
     from workers.server import embedded
 
     demo_dir = settings.data_dir / "demo"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = False
-    from xms.cli import _store
-
-    _remove_earlier_demos(_store(settings), console)
+    _remove_earlier_demos(open_store(settings), console)
     async with AsyncExitStack() as stack:
         if _reachable(settings.temporal_address):
             console.print(f"using the running xms server at {settings.temporal_address}")

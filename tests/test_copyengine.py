@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from activities import copyengine
 from activities.transport import nbd as transport
@@ -170,3 +172,40 @@ def test_split_cuts_data_at_chunk_boundaries_only():
     assert [(p.start, p.length) for p in pieces[4:]] == [(25 * MiB, 3 * MiB), (28 * MiB, 4 * MiB),
                                                         (32 * MiB, 2 * MiB)]
     assert sum(p.length for p in pieces) == sum(e.length for e in plan)
+
+
+_entries = st.lists(st.tuples(st.integers(1, 6), st.integers(0, 3)), min_size=1, max_size=8)
+
+
+@given(st.lists(st.tuples(_entries, _entries, st.integers(0, 3)), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_dirty_runs_match_a_per_block_model(windows):
+    """dirty_runs (the plan of an incremental sync) against a model that marks every block dirty or
+    clean and zero or data: the same runs, cut only where dirty data meets dirty zeroes, adjacent
+    runs of one kind joined across windows too, whatever the two entry lists' boundaries."""
+    flat, model, pos = [], {}, 0
+    for dirty, alloc, short in windows:
+        stop = pos + max(1, min(sum(n for n, _ in dirty), sum(n for n, _ in alloc)) - short)
+        at = pos
+        for n, flags in dirty:
+            for b in range(at, at + n):
+                model.setdefault(b, [False, False])[0] = bool(flags & 1)
+            at += n
+        at = pos
+        for n, flags in alloc:
+            for b in range(at, at + n):
+                model.setdefault(b, [False, False])[1] = bool(flags & transport.STATE_ZERO)
+            at += n
+        flat.append((pos, stop, [x for e in dirty for x in e], [x for e in alloc for x in e]))
+        pos = stop
+    want, end = [], pos
+    for b in range(end):
+        dirty, zero = model[b]
+        if not dirty:
+            continue
+        if want and want[-1][1] == b and want[-1][2] == zero:
+            want[-1][1] = b + 1
+        else:
+            want.append([b, b + 1, zero])
+    got = [(e.start, e.end, e.zero) for e in transport.dirty_runs(flat)]
+    assert got == [tuple(w) for w in want]

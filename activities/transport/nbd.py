@@ -1,9 +1,12 @@
 """NBD endpoints through libnbd: sources (NBD URIs or local images served by qemu-nbd), extents.
 
-Local images are served read-only by a private qemu-nbd that libnbd starts with systemd socket
-activation: no socket file, and qemu-nbd exits when the handle closes, or when its parent dies
-(it is started through ``setpriv --pdeathsig``: a qemu-nbd whose client died before the NBD
-handshake would otherwise listen for ever).
+Local images are served by a private qemu-nbd, started here with systemd socket activation: the
+listening socket is made, connected to and unlinked before qemu-nbd starts (so no socket file is
+left, not even by a killed process, and nobody else can connect), then handed to qemu-nbd as fd 3
+by posix_spawn, which does not copy the worker's page tables as a fork does (libnbd's own socket
+activation forks: 30 ms per connection in a worker of 300 MiB, 9 ms with posix_spawn). qemu-nbd
+exits when the handle closes, or when its parent dies (``setpriv --pdeathsig``: a qemu-nbd whose
+client died before the NBD handshake would otherwise run for ever).
 """
 
 from __future__ import annotations
@@ -12,10 +15,15 @@ import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
-from collections.abc import Callable, Iterator
+import tempfile
+import weakref
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +39,10 @@ SOURCE_FORMS = ("nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, qmp+u
 # on it only when its main loop wakes, which never happens without a client. A writable one gets
 # SIGTERM, so that it flushes what it holds (qcow2 metadata).
 SETPRIV = shutil.which("setpriv")
+QEMU_NBD = shutil.which("qemu-nbd") or "qemu-nbd"
+# qemu-nbd takes the socket only if LISTEN_PID is its own pid, known only once it runs: sh sets it
+_ACTIVATE = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
+_LISTEN_FD = 3  # SD_LISTEN_FDS_START
 BLOCK_STATUS_WINDOW = 1 << 30  # servers may refuse >= 4 GiB; qemu caps at 1 GiB anyway
 # read-only private qemu-nbd: io_uring where the kernel allows it (scattered reads of an incremental
 # sync: ~30 % faster than the thread pool, benchmarks/); None until the first start has shown it works
@@ -119,13 +131,10 @@ def connect(
         if kind == "nbd":
             h.connect_uri(location)
         else:
-            die = ["setpriv", "--pdeathsig", "TERM" if writable else "KILL", "--"] if SETPRIV else []
-            argv = [*die, "qemu-nbd", "-f", fmt]
-            if not writable:
-                argv.append("-r")
-            if bitmap:
-                argv += ["-B", bitmap]
-            h = _serve(handle, h, argv, location, io_uring=not writable)
+            argv = ["-f", fmt, *([] if writable else ["-r"]), *(["-B", bitmap] if bitmap else [])]
+            h = _serve(handle, h, argv, location, writable)
+    except OSError as e:  # no socket or process for the private qemu-nbd
+        raise SourceUnreadable(f"cannot open {location}: cannot start qemu-nbd: {e}") from None
     except nbd.Error as e:
         if retry_unreachable and kind == "nbd" and e.errnum in UNREACHABLE:
             raise SourceUnreachable(f"cannot reach source {location}: {e.string or e}") from None
@@ -133,25 +142,67 @@ def connect(
     return h
 
 
-def _serve(handle: Callable[[], nbd.NBD], h: nbd.NBD, argv: list[str], location: str, io_uring: bool) -> nbd.NBD:
-    """Start the private qemu-nbd on ``h``; with ``io_uring`` it reads through io_uring, unless
-    this kernel or qemu refused that once (then never again in this process: a new handle, as a
-    handle whose connect failed cannot connect again)."""
+def _serve(handle: Callable[[], nbd.NBD], h: nbd.NBD, argv: list[str], location: str, writable: bool) -> nbd.NBD:
+    """Connect ``h`` to a private qemu-nbd. A read-only one reads through io_uring, unless this
+    kernel or qemu refused that once (then never again in this process: a new handle, as a handle
+    whose connect failed cannot connect again)."""
     global _IO_URING
-    if io_uring and _IO_URING is not False:
+    if not writable and _IO_URING is not False:
         try:
-            h.connect_systemd_socket_activation([*argv, "--aio=io_uring", "--", location])
+            _start(h, [*argv, "--aio=io_uring"], location, writable)
             _IO_URING = True
             return h
         except nbd.Error:
             if _IO_URING:  # io_uring works here: this failure is the image's, reported as it is
                 raise
             h = handle()
-            h.connect_systemd_socket_activation([*argv, "--", location])  # fails too: the image's fault
+            _start(h, argv, location, writable)  # fails too: the image's fault
             _IO_URING = False
             return h
-    h.connect_systemd_socket_activation([*argv, "--", location])
+    _start(h, argv, location, writable)
     return h
+
+
+def _start(h: nbd.NBD, argv: list[str], location: str, writable: bool) -> None:
+    """Start qemu-nbd on a listening socket that already holds this handle's connection, and
+    shake hands. Its reads skip libnbd's zeroing of each buffer (pread_initialize): that guards
+    against servers whose replies leave part of a buffer unwritten, not this qemu-nbd, and costs a
+    memset per request (a quarter of a small copy's time in aio_pread)."""
+    d = tempfile.mkdtemp(prefix="xms-nbd-")  # mode 0700: only we can connect while it exists
+    path = os.path.join(d, "sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        client.connect(path)  # queued until qemu-nbd accepts it: its first and only client
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    die = [SETPRIV, "--pdeathsig", "TERM" if writable else "KILL", "--"] if SETPRIV else []
+    cmd = [*die, "/bin/sh", "-c", _ACTIVATE, "sh", QEMU_NBD, *argv, "--", location]
+    with listener:
+        # dup2 onto itself would keep close-on-exec: fd 3 must come from another number
+        spare = listener.dup() if listener.fileno() == _LISTEN_FD else None
+        with spare or listener:
+            pid = os.posix_spawn(cmd[0], cmd, os.environ,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, (spare or listener).fileno(), _LISTEN_FD)])
+    reap = weakref.finalize(h, _reap, pid)  # also when a handle is dropped without close()
+    h._xms_reap = reap
+    if not writable:
+        h.set_pread_initialize(False)
+    try:
+        h.connect_socket(client.detach())
+    except nbd.Error:
+        os.kill(pid, 9)
+        reap()
+        raise
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def probe(source: str) -> SourceInfo:
@@ -171,8 +222,7 @@ def probe(source: str) -> SourceInfo:
 
 def close(h: nbd.NBD) -> None:
     """Disconnect now, and for a private qemu-nbd wait until it has exited (and released the
-    image's lock): libnbd's close reaps the child. nbd.py only offers that through __del__, so
-    do what it does, once."""
+    image's lock). nbd.py closes the handle only through __del__, so do what it does, once."""
     try:
         h.shutdown()
     except nbd.Error:
@@ -181,17 +231,22 @@ def close(h: nbd.NBD) -> None:
     if o is not None:
         del h._o
         nbd.libnbdmod.close(o)
+    reap = getattr(h, "_xms_reap", None)
+    if reap is not None:
+        reap()  # qemu-nbd exits once its client has gone
 
 
 def dirty_context(bitmap: str) -> str:
     return f"qemu:dirty-bitmap:{bitmap}"
 
 
-def _status(h: nbd.NBD, offset: int, length: int) -> dict[str, list[tuple[int, int]]]:
-    got: dict[str, list[tuple[int, int]]] = {}
+def _status(h: nbd.NBD, offset: int, length: int) -> dict[str, list[int]]:
+    """Block status of [offset, offset + length): per context, the flat list libnbd gives
+    (length, flags, length, flags, ...)."""
+    got: dict[str, list[int]] = {}
 
     def cb(ctx: str, off: int, entries: list[int], err: object) -> int:
-        got.setdefault(ctx, []).extend(zip(entries[0::2], entries[1::2]))
+        got.setdefault(ctx, []).extend(entries)
         return 0
 
     try:
@@ -208,33 +263,51 @@ def dirty_extents(h: nbd.NBD, bitmap: str, end: int) -> Iterator[Extent]:
     if not h.can_meta_context(ctx):
         raise ChangeTrackingLost(f"the source no longer exports dirty bitmap {bitmap!r}: the changes since "
                                  "the last sync cannot be known; a new full sync is needed")
-    yield from _merged(_dirty_pieces(h, ctx, end))
+    yield from dirty_runs(_windows(h, ctx, end))
 
 
-def _dirty_pieces(h: nbd.NBD, ctx: str, end: int) -> Iterator[Extent]:
+def _windows(h: nbd.NBD, ctx: str, end: int) -> Iterator[tuple[int, int, list[int], list[int]]]:
+    """(start, stop, dirty entries, allocation entries) of each block status window up to ``end``."""
     offset = 0
     while offset < end:
         got = _status(h, offset, min(BLOCK_STATUS_WINDOW, end - offset))
         dirty, alloc = got.get(ctx), got.get("base:allocation")
         if not dirty or not alloc:
             raise TransientIOError(f"block status at {offset}: server returned no extents")
-        # walk both lists at once: every boundary of either starts a new piece
-        di = ai = 0
-        d_end, a_end = offset + dirty[0][0], offset + alloc[0][0]
-        pos = offset
-        stop = min(end, offset + sum(n for n, _ in dirty), offset + sum(n for n, _ in alloc))
-        while pos < stop:
-            nxt = min(d_end, a_end, stop)
-            if dirty[di][1] & 1:
-                yield Extent(pos, nxt - pos, bool(alloc[ai][1] & STATE_ZERO))
-            pos = nxt
-            if pos == d_end and di + 1 < len(dirty):
-                di += 1
-                d_end += dirty[di][0]
-            if pos == a_end and ai + 1 < len(alloc):
-                ai += 1
-                a_end += alloc[ai][0]
+        stop = min(end, offset + sum(dirty[0::2]), offset + sum(alloc[0::2]))
+        yield offset, stop, dirty, alloc
         offset = stop
+
+
+def dirty_runs(windows: Iterable[tuple[int, int, list[int], list[int]]]) -> Iterator[Extent]:
+    """The dirty runs of consecutive windows, cut where allocation changes between data and zero,
+    adjacent runs of the same kind joined (across windows too). A window's entry lists are flat
+    (length, flags, ...) and start at its start. Boundaries are summed and searched in C
+    (accumulate, bisect): Python only visits the dirty runs, ~1 ms for a 1 %-changed 4 GiB disk
+    against ~3 ms for a walk over every boundary of both lists."""
+    run_start = run_end = -1  # the run being built
+    run_zero = False
+    for pos, stop, dirty, alloc in windows:
+        d_at = list(accumulate(dirty[0::2], initial=pos))  # d_at[i]: where dirty entry i starts
+        a_at = list(accumulate(alloc[0::2], initial=pos))
+        a_flags = alloc[1::2]
+        for i in [i for i, flags in enumerate(dirty[1::2]) if flags & 1]:
+            s, d_end = d_at[i], min(d_at[i + 1], stop)
+            if s >= stop:
+                break
+            ai = bisect_right(a_at, s) - 1  # the allocation entry that holds s
+            while s < d_end:
+                e = min(a_at[ai + 1], d_end)
+                z = bool(a_flags[ai] & STATE_ZERO)
+                if s == run_end and z == run_zero:
+                    run_end = e
+                else:
+                    if run_start >= 0:
+                        yield Extent(run_start, run_end - run_start, run_zero)
+                    run_start, run_end, run_zero = s, e, z
+                s, ai = e, ai + 1
+    if run_start >= 0:
+        yield Extent(run_start, run_end - run_start, run_zero)
 
 
 def extents(h: nbd.NBD, start: int, end: int) -> Iterator[Extent]:
@@ -252,7 +325,7 @@ def _allocation(h: nbd.NBD, start: int, end: int) -> Iterator[Extent]:
         got = _status(h, offset, min(BLOCK_STATUS_WINDOW, end - offset)).get("base:allocation")
         if not got:
             raise TransientIOError(f"block status at {offset}: server returned no extents")
-        for length, flags in got:
+        for length, flags in zip(got[0::2], got[1::2]):
             length = min(length, end - offset)
             if length <= 0:
                 break

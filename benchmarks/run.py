@@ -124,10 +124,18 @@ def mib_s(nbytes: int, seconds: float) -> float:
 # ------------------------------------------------------------------------------ benchmarks
 
 
-def full_copy(work: Path, runs: int) -> dict:
-    size = 4 * GiB
+def source_4g(work: Path) -> Path:
+    """The 4 GiB source of the full copy, Temporal and incremental stages (2 GiB of random data in
+    64 MiB runs, holes between), made once per work directory: any stage can run alone."""
     src = work / "src-4g.raw"
-    data = make_disk(src, size, 128 * MiB, 64 * MiB, seed=1) if not src.exists() else 2 * GiB
+    if not src.exists():
+        make_disk(src, 4 * GiB, 128 * MiB, 64 * MiB, seed=1)
+    return src
+
+
+def full_copy(work: Path, runs: int) -> dict:
+    size, data = 4 * GiB, 2 * GiB
+    src = source_4g(work)
     dst = work / "dst-4g.raw"
     tools = {
         "xms": lambda s, d: [PY, "-m", "benchmarks.engine", s, d],
@@ -194,7 +202,7 @@ def through_temporal(work: Path, pairs: int) -> dict:
     then 1 vs 8 concurrent migrations on one worker."""
     from tests.conftest import start_stack  # the same harness the tests use
 
-    src = work / "src-4g.raw"
+    src = source_4g(work)
     shutil.rmtree(work / "stack", ignore_errors=True)  # a fresh Temporal database and store each run
     st = start_stack(work / "stack")
     try:
@@ -261,7 +269,7 @@ def incremental(work: Path, runs: int) -> dict:
     frozen view: the same extents each time), medians compared."""
     from activities.transport.cbt import QuiescedImage
 
-    raw = work / "src-4g.raw"
+    raw = source_4g(work)
     q = work / "inc-4g.qcow2"
     q.unlink(missing_ok=True)
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(q)], check=True)

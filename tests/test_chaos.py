@@ -92,3 +92,22 @@ def test_private_qemu_nbd_dies_with_a_killed_client(tmp_path):
             left.append(f"{what}: {describe_process(pid)}")
             os.kill(pid, signal.SIGKILL)
     assert left == []
+
+
+def test_a_process_that_exits_with_a_private_qemu_nbd_open_exits(tmp_path):
+    """Interpreter exit with a local image's handle still open neither hangs (waiting for a
+    qemu-nbd whose client is still connected) nor leaves that qemu-nbd behind."""
+    import time
+
+    from chaos.harness import session_processes
+
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(1 << 20))
+    code = "from activities.transport import nbd as t\nh = t.connect(__import__('sys').argv[1], 'image', 'raw')\n"
+    p = subprocess.Popen([sys.executable, "-c", code, str(img)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         start_new_session=True)
+    assert p.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while [w for _, w in session_processes(p.pid) if w == "qemu-nbd"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll interval of a condition wait with a deadline
+    assert [w for _, w in session_processes(p.pid) if w == "qemu-nbd"] == []

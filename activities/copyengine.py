@@ -69,11 +69,14 @@ class FileWriter:
         self.closing = False
         self.writeback: threading.Thread | None = None  # started with the first request
 
-    def write(self, offset: int, data: memoryview) -> None:
+    def write(self, offset: int, data: bytearray | memoryview) -> None:
         self.unstarted += len(data)
-        while data:
-            n = os.pwrite(self.fd, data, offset)
-            data, offset = data[n:], offset + n
+        n = os.pwrite(self.fd, data, offset)
+        if n < len(data):  # a short write: the rest
+            rest = memoryview(data)[n:]
+            while rest:
+                n = os.pwrite(self.fd, rest, offset + len(data) - len(rest))
+                rest = rest[n:]
         if self.unstarted >= FILE_WRITEBACK_EVERY:
             self.unstarted = 0
             if self.writeback is None:
@@ -526,7 +529,8 @@ class _Conn:
             if self.dst is not None:
                 self._write(seq, e, buf)
             else:
-                self.writer.write(e.start, memoryview(buf.data)[: e.length])
+                data = buf.data
+                self.writer.write(e.start, data if e.length == len(data) else memoryview(data)[: e.length])
                 t.finish(seq, read=e.length, written=e.length)
                 self.free.setdefault(len(buf), []).append(buf)
 

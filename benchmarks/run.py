@@ -39,17 +39,31 @@ PY = sys.executable
 # ------------------------------------------------------------------------------ helpers
 
 
+# The measured command is started by a small launcher, not by this process: Linux carries the
+# memory high-water mark of the process that execs into its rusage (exec records the old mm's
+# peak), so a tool started from this runner reported the runner's RSS when that was larger (all
+# three tools showed the same 63 MiB, and the memory stage 108 MiB after the Temporal stage).
+# The launcher (python -S, ~8 MiB) forks the command and reports its wait4 figures.
+_LAUNCH = """
+import os, sys, time
+t0 = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, ru = os.wait4(pid, 0)
+sys.stderr.write(f"\\n@@launch {time.monotonic() - t0} {ru.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(argv: list[str], env: dict | None = None) -> dict:
-    """Run a command; wall time and the process's own peak RSS (from wait4)."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out = p.stdout.read()
-    err = p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.monotonic() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{argv[0]} failed: {err.decode()[-500:]}")
-    return {"wall_s": wall, "peak_rss_mib": ru.ru_maxrss / 1024, "stdout": out.decode()}
+    """Run a command; its wall time and its own peak RSS (wait4, through _LAUNCH)."""
+    p = subprocess.run([PY, "-S", "-c", _LAUNCH, *argv], capture_output=True, env=env, check=False)
+    err, _, tail = p.stderr.decode().rpartition("\n@@launch ")
+    if p.returncode != 0 or not tail:
+        raise RuntimeError(f"{argv[0]} failed (exit {p.returncode}): {(err if tail else p.stderr.decode())[-500:]}")
+    wall, maxrss_kib = tail.split()
+    return {"wall_s": float(wall), "peak_rss_mib": int(maxrss_kib) / 1024, "stdout": p.stdout.decode()}
 
 
 def make_disk(path: Path, size: int, data_every: int, data_len: int, seed: int) -> int:

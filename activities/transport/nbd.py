@@ -4,7 +4,7 @@ Local images are served by a private qemu-nbd, started here with systemd socket 
 listening socket is made, connected to and unlinked before qemu-nbd starts (so no socket file is
 left, not even by a killed process, and nobody else can connect), then handed to qemu-nbd as fd 3
 by posix_spawn, which does not copy the worker's page tables as a fork does (libnbd's own socket
-activation forks: 30 ms per connection in a worker of 300 MiB, 9 ms with posix_spawn). qemu-nbd
+activation forks: 20-29 ms per connection in a worker of 300 MiB, 8 ms with posix_spawn). qemu-nbd
 exits when the handle closes, or when its parent dies (``setpriv --pdeathsig``: a qemu-nbd whose
 client died before the NBD handshake would otherwise run for ever).
 """

@@ -235,3 +235,18 @@ def test_private_qemu_nbd_sends_with_a_larger_socket_buffer(tmp_path):
             assert theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > default
         assert h.pread(4096, 0) == bytes(4096)
     assert transport.server_pid(h) is None
+
+
+def test_a_long_tmpdir_does_not_stop_a_private_qemu_nbd(tmp_path, monkeypatch):
+    """The private qemu-nbd's socket is made in TMPDIR; one too long for a unix socket path (108
+    bytes) falls back to /tmp instead of failing the source."""
+    import tempfile
+
+    long_dir = tmp_path / ("d" * 120)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(range(256)) * 4096)
+    with transport.handle(str(img), "image", "raw") as h:
+        assert h.pread(4096, 0) == bytes(range(256)) * 16
+    assert list(long_dir.iterdir()) == []

@@ -175,7 +175,10 @@ def _start(h: nbd.NBD, argv: list[str], location: str, writable: bool) -> None:
     shake hands. Its reads skip libnbd's zeroing of each buffer (pread_initialize): that guards
     against servers whose replies leave part of a buffer unwritten, not this qemu-nbd, and costs a
     memset per request (a quarter of a small copy's time in aio_pread)."""
-    d = tempfile.mkdtemp(prefix="xms-nbd-")  # mode 0700: only we can connect while it exists
+    # mode 0700: only we can connect while it exists; /tmp when TMPDIR is too long for a socket
+    # path (108 bytes with the name below)
+    base = tempfile.gettempdir()
+    d = tempfile.mkdtemp(prefix="xms-nbd-", dir=base if len(base) <= 80 else "/tmp")
     path = os.path.join(d, "sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

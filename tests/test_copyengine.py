@@ -250,24 +250,16 @@ def test_dirty_runs_match_a_per_block_model(windows):
 def test_private_qemu_nbd_sends_with_a_larger_socket_buffer(tmp_path):
     """The socket a local image's private qemu-nbd replies on gets a send buffer above the kernel's
     default (qemu-nbd sets none itself): read back from the socket qemu-nbd holds, via pidfd_getfd."""
-    import os
     import socket
 
     img = tmp_path / "d.raw"
     img.write_bytes(bytes(1 << 20))
-    default = int(open("/proc/sys/net/core/wmem_default").read())
+    with open("/proc/sys/net/core/wmem_default") as f:
+        default = int(f.read())
     with transport.handle(str(img), "image", "raw") as h:
-        pid = transport.server_pid(h)
-        socks = [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
-                 if fd != "3" and os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
-        assert len(socks) == 1
-        pidfd = os.pidfd_open(pid)
-        try:
-            fd = transport._libc().syscall(438, pidfd, socks[0], 0)
-        finally:
-            os.close(pidfd)
-        assert fd >= 0
-        with socket.socket(fileno=fd) as theirs:
+        theirs = transport._server_socket(transport.server_pid(h))
+        assert theirs is not None
+        with theirs:
             assert theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > default
         assert h.pread(4096, 0) == bytes(4096)
     assert transport.server_pid(h) is None

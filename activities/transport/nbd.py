@@ -190,16 +190,15 @@ def _start(h: nbd.NBD, argv: list[str], location: str, writable: bool) -> None:
         shutil.rmtree(d, ignore_errors=True)
     die = [SETPRIV, "--pdeathsig", "TERM" if writable else "KILL", "--"] if SETPRIV else []
     cmd = [*die, "/bin/sh", "-c", _ACTIVATE, "sh", QEMU_NBD, *argv, "--", location]
-    with listener:
-        # dup2 onto itself would keep close-on-exec: fd 3 must come from another number
-        spare = listener.dup() if listener.fileno() == _LISTEN_FD else None
-        with spare or listener:
-            # the C locale: setpriv, sh and qemu-nbd skip loading locale data (~1.5 ms a start)
-            pid = os.posix_spawn(cmd[0], cmd, {**os.environ, "LC_ALL": "C"},
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, (spare or listener).fileno(), _LISTEN_FD)])
+    # dup2 onto itself would keep close-on-exec: fd 3 must come from another number
+    handover = listener.dup() if listener.fileno() == _LISTEN_FD else listener
+    with listener, handover:
+        # the C locale: setpriv, sh and qemu-nbd skip loading locale data (~1.5 ms a start)
+        pid = os.posix_spawn(cmd[0], cmd, {**os.environ, "LC_ALL": "C"},
+                             file_actions=[(os.POSIX_SPAWN_DUP2, handover.fileno(), _LISTEN_FD)])
     reap = weakref.finalize(h, _reap, pid)  # also when a handle is dropped without close()
     reap.atexit = False  # a handle still open at exit keeps qemu-nbd up: pdeathsig ends it instead
-    h._xms_reap = reap
+    h._xms_reap, h._xms_pid = reap, pid
     if not writable:
         h.set_pread_initialize(False)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)  # requests and writes
@@ -215,24 +214,30 @@ def _start(h: nbd.NBD, argv: list[str], location: str, writable: bool) -> None:
 def _grow_send_buffer(pid: int) -> None:
     """Give the private qemu-nbd's end of the connection a send buffer of SERVER_SNDBUF. That
     socket is made by the kernel when qemu-nbd accepts (it does not inherit the listener's
-    options), so take a copy of it from qemu-nbd, our child, with pidfd_getfd, set the option on
-    the shared socket and drop the copy. Best effort: where the kernel or a sandbox refuses,
-    qemu-nbd keeps the default and is only slower."""
+    options), so set the option on qemu-nbd's socket (_server_socket). Best effort: where the
+    kernel or a sandbox refuses, qemu-nbd keeps the default and is only slower."""
+    theirs = _server_socket(pid)
+    if theirs is not None:
+        with theirs:
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
+
+
+def _server_socket(pid: int) -> socket.socket | None:
+    """A copy (pidfd_getfd) of the socket qemu-nbd, our child, serves its one client on: the
+    same kernel socket, so options set on it are qemu-nbd's. None if it cannot be had."""
     try:
         socks = [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
                  if fd != str(_LISTEN_FD) and os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
         if len(socks) != 1:  # after the handshake: the listener and our connection, nothing else
-            return
+            return None
         pidfd = os.pidfd_open(pid)
         try:
             fd = _libc().syscall(_SYS_PIDFD_GETFD, pidfd, socks[0], 0)
         finally:
             os.close(pidfd)
-        if fd >= 0:
-            with socket.socket(fileno=fd) as theirs:
-                theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
-    except (OSError, AttributeError):  # no /proc, no pidfd_open: the default stays
-        pass
+        return socket.socket(fileno=fd) if fd >= 0 else None
+    except (OSError, AttributeError):  # no /proc, no pidfd_open
+        return None
 
 
 @functools.cache
@@ -243,7 +248,7 @@ def _libc() -> ctypes.CDLL:
 def server_pid(h: nbd.NBD) -> int | None:
     """The private qemu-nbd behind ``h``, while it runs (None for NBD URI sources)."""
     reap = getattr(h, "_xms_reap", None)
-    return reap.peek()[2][0] if reap is not None and reap.alive else None
+    return h._xms_pid if reap is not None and reap.alive else None
 
 
 def _reap(pid: int) -> None:

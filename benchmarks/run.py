@@ -7,7 +7,8 @@ raw target): the xms copy engine, ``nbdcopy`` and ``qemu-img convert`` (median o
 interleaved); then a cold migration end to end through Temporal against the bare engine on the
 same source and the same kind of target; an incremental sync of a 1 %-changed disk against
 the full copy (as a worker's later syncs run, in a process that has copied before, and as a
-fresh process's first); peak RSS for a 1 GiB and a 16 GiB sparse disk; 8 concurrent migrations on one
+fresh process's first), for a quiesced qcow2 image and for a running QEMU's disk (a warm
+migration's source, with nbdcopy on the same export for the full sync); peak RSS for a 1 GiB and a 16 GiB sparse disk; 8 concurrent migrations on one
 worker against one; and a volume type limited to 50 MiB/s. Prints a table and writes JSON.
 The work directory (~25 GiB of inputs and targets) is removed at the end unless ``--keep-inputs``
 (a later run then reuses the inputs); a ``--workdir`` of your own that was not empty is left alone.
@@ -277,10 +278,45 @@ def through_temporal(work: Path, pairs: int) -> dict:
             "worker_peak_rss_mib": worker_rss, "migrations_through_worker": pairs + 9}
 
 
+def delta_blocks() -> list[tuple[int, int]]:
+    """The 1 %-changed delta: (pattern byte, offset) of 64 KiB blocks at random block offsets."""
+    rng = random.Random(5)
+    return [(rng.randint(1, 255), rng.randrange(0, 4 * GiB // (64 * 1024)) * 64 * 1024)
+            for _ in range(int(0.01 * 4 * GiB) // (64 * 1024))]
+
+
+def sync_runs(argv: list[str], runs: int) -> tuple[list[float], list[float], dict]:
+    """An incremental sync ``runs`` times, each in a process that syncs twice: its first sync
+    pays what a fresh process pays (buffer pool, cold code); the second runs as a worker's later
+    syncs do, in a process that has copied before. (first-sync times, later-sync times, the last
+    later sync's statistics)"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    fresh_s, warm_s = [], []
+    for _ in range(runs):
+        os.sync()
+        r = timed([*argv, "--repeat", "2"], env=env)
+        first, st = (json.loads(line) for line in r["stdout"].splitlines())
+        fresh_s.append(first["elapsed_s"])
+        warm_s.append(st["elapsed_s"])
+        print(f"  incremental      {warm_s[-1]:.3f} s (fresh process {fresh_s[-1]:.3f} s)  "
+              f"{ {k: round(v, 4) for k, v in st['phases_s'].items()} }", flush=True)
+    return fresh_s, warm_s, st
+
+
+def sync_summary(full_s: list[float], fresh_s: list[float], inc_s: list[float], st: dict) -> dict:
+    full_m, inc_m, fresh_m = statistics.median(full_s), statistics.median(inc_s), statistics.median(fresh_s)
+    return {"full_s": full_m, "incremental_s": inc_m, "ratio": inc_m / full_m,
+            "fresh_process_incremental_s": fresh_m, "fresh_process_ratio": fresh_m / full_m,
+            "changed_bytes": len(delta_blocks()) * 64 * 1024, "full_runs_s": [round(x, 3) for x in full_s],
+            "incremental_runs_s": [round(x, 3) for x in inc_s], "fresh_process_runs_s": [round(x, 3) for x in fresh_s],
+            "incremental_bytes_read": st["bytes_read"], "incremental_extents": st["extents"]}
+
+
 def incremental(work: Path, runs: int) -> dict:
-    """A 4 GiB qcow2 (half data) fully copied, then 1 % of it changed and synced through its bitmap;
-    each measured ``runs`` times (the full copy into a fresh target, the sync again from the same
-    frozen view: the same extents each time), medians compared."""
+    """A 4 GiB qcow2 (half data) that nothing writes while a sync runs (cbt.QuiescedImage: each
+    sync reads it through a private qemu-nbd) fully copied, then 1 % of it changed and synced
+    through its bitmap; each measured ``runs`` times (the full copy into a fresh target, the sync
+    again from the same frozen view: the same extents each time), medians compared."""
     from activities.transport.cbt import QuiescedImage
 
     raw = source_4g(work)
@@ -289,6 +325,7 @@ def incremental(work: Path, runs: int) -> dict:
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(q)], check=True)
     tracker = QuiescedImage(str(q))
     dst = work / "inc-dst.raw"
+    engine = [PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     settle(q)
     full_s = []
@@ -296,36 +333,65 @@ def incremental(work: Path, runs: int) -> dict:
         for i in range(runs):
             fresh_target(dst, 4 * GiB)
             os.sync()
-            full = timed([PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file"], env=env)
-            full_s.append(json.loads(full["stdout"])["elapsed_s"])
+            full_s.append(json.loads(timed(engine, env=env)["stdout"])["elapsed_s"])
             print(f"  full copy        {full_s[-1]:.3f} s", flush=True)
-    rng = random.Random(5)
-    blocks = int(0.01 * 4 * GiB) // (64 * 1024)
-    cmds = []
-    for _ in range(blocks):
-        cmds += ["-c", f"write -P {rng.randint(1, 255)} {rng.randrange(0, 4 * GiB // (64 * 1024)) * 64 * 1024} 64k"]
+    cmds = [x for pattern, off in delta_blocks() for x in ("-c", f"write -P {pattern} {off} 64k")]
     for i in range(0, len(cmds), 400):
         subprocess.run(["qemu-io", "-f", "qcow2", *cmds[i:i + 400], str(q)], check=True, capture_output=True)
-    # each process syncs twice: its first sync pays what a fresh process pays (buffer pool, cold
-    # code); the second runs as a worker's later syncs do, in a process that has copied before
-    fresh_s, inc_s = [], []
     with tracker.freeze(1) as view:
-        for i in range(runs):
-            os.sync()
-            inc = timed([PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file",
-                         "--bitmap", view.bitmap, "--repeat", "2"], env=env)
-            first, inc_st = (json.loads(line) for line in inc["stdout"].splitlines())
-            fresh_s.append(first["elapsed_s"])
-            inc_s.append(inc_st["elapsed_s"])
-            print(f"  incremental      {inc_s[-1]:.3f} s (fresh process {fresh_s[-1]:.3f} s)  "
-                  f"{ {k: round(v, 4) for k, v in inc_st['phases_s'].items()} }", flush=True)
+        fresh_s, inc_s, st = sync_runs([*engine, "--bitmap", view.bitmap], runs)
     tracker.stop()
-    full_m, inc_m, fresh_m = statistics.median(full_s), statistics.median(inc_s), statistics.median(fresh_s)
-    return {"full_s": full_m, "incremental_s": inc_m, "ratio": inc_m / full_m,
-            "fresh_process_incremental_s": fresh_m, "fresh_process_ratio": fresh_m / full_m,
-            "changed_bytes": blocks * 64 * 1024, "full_runs_s": [round(x, 3) for x in full_s],
-            "incremental_runs_s": [round(x, 3) for x in inc_s], "fresh_process_runs_s": [round(x, 3) for x in fresh_s],
-            "incremental_bytes_read": inc_st["bytes_read"], "incremental_extents": inc_st["extents"]}
+    return sync_summary(full_s, fresh_s, inc_s, st)
+
+
+def live(work: Path, runs: int) -> dict:
+    """A warm migration's own source: the disk of a running QEMU (qemu-storage-daemon standing in
+    for the VM, the same 4 GiB qcow2 as node disk0), frozen per sync by LiveDisk (dirty bitmap,
+    fleecing node, NBD export on the daemon's server). The full sync is copied by xms and by
+    ``nbdcopy --flush`` from the same export into a fresh file, interleaved; then the guest
+    changes 1 % of the disk through its own export and the next sync reads the changes."""
+    import nbd
+
+    from activities.transport.live import LiveDisk
+    from tests.conftest import qemu_storage_daemon
+
+    d = work / "live"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    q = d / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(source_4g(work)), str(q)], check=True)
+    dst = work / "live-dst.raw"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    settle(q)
+    with qemu_storage_daemon(q, d) as qsd:
+        disk = LiveDisk(str(qsd.qmp), "disk0", d / "run", nbd_socket=str(qsd.guest))
+        try:
+            full_s, nbdcopy_s = [], []
+            with disk.freeze(0) as view:
+                for i in range(runs):
+                    fresh_target(dst, 4 * GiB)
+                    os.sync()
+                    full_s.append(json.loads(timed([PY, "-m", "benchmarks.engine", view.location, str(dst), "--dst-file"],
+                                                   env=env)["stdout"])["elapsed_s"])
+                    fresh_target(dst, 4 * GiB)
+                    os.sync()
+                    nbdcopy_s.append(timed(["nbdcopy", "--flush", "--destination-is-zero", view.location, str(dst)])["wall_s"])
+                    print(f"  full sync        xms {full_s[-1]:.3f} s, nbdcopy --flush {nbdcopy_s[-1]:.3f} s", flush=True)
+            guest = nbd.NBD()
+            guest.connect_uri(qsd.guest_uri)
+            for pattern, off in delta_blocks():
+                guest.pwrite(bytes([pattern]) * (64 * 1024), off)
+            guest.flush()
+            guest.shutdown()
+            with disk.freeze(1) as view:
+                fresh_s, inc_s, st = sync_runs([PY, "-m", "benchmarks.engine", view.location, str(dst), "--dst-file",
+                                                "--bitmap", view.bitmap], runs)
+        finally:
+            disk.stop()
+    dst.unlink(missing_ok=True)
+    nb = statistics.median(nbdcopy_s)
+    return {**sync_summary(full_s, fresh_s, inc_s, st), "nbdcopy_full_s": nb,
+            "nbdcopy_full_runs_s": [round(x, 3) for x in nbdcopy_s], "full_ratio_to_nbdcopy": nb / statistics.median(full_s)}
 
 
 def memory(work: Path) -> dict:
@@ -354,18 +420,19 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=WORKDIR)
     p.add_argument("--keep-inputs", action="store_true", help="keep the inputs for the next run (~25 GiB)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
-    p.add_argument("--only", nargs="*", choices=["full", "temporal", "incremental", "memory", "qos"])
+    p.add_argument("--only", nargs="*", choices=["full", "temporal", "incremental", "live", "memory", "qos"])
     a = p.parse_args()
     ours = a.workdir == WORKDIR or not a.workdir.exists() or not any(a.workdir.iterdir())
     a.workdir.mkdir(parents=True, exist_ok=True)
-    for tool in ("nbdcopy", "qemu-img", "qemu-nbd", "qemu-io"):
+    for tool in ("nbdcopy", "qemu-img", "qemu-nbd", "qemu-io", "qemu-storage-daemon"):
         if not shutil.which(tool):
             print(f"benchmark: {tool} is missing (make setup installs it)", file=sys.stderr)
             return 1
-    todo = a.only or ["full", "temporal", "incremental", "memory", "qos"]
+    todo = a.only or ["full", "temporal", "incremental", "live", "memory", "qos"]
     res: dict = {"machine": {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}}
     steps = {"full": lambda: full_copy(a.workdir, a.runs), "temporal": lambda: through_temporal(a.workdir, a.runs),
-             "incremental": lambda: incremental(a.workdir, a.runs), "memory": lambda: memory(a.workdir),
+             "incremental": lambda: incremental(a.workdir, a.runs), "live": lambda: live(a.workdir, a.runs),
+             "memory": lambda: memory(a.workdir),
              "qos": lambda: qos(a.workdir)}
     a.json.parent.mkdir(parents=True, exist_ok=True)
     try:

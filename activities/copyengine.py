@@ -42,7 +42,7 @@ BUFFER_BUDGET = 96 * MiB  # copy and checksum buffers of a whole worker, shared 
 # the target's writeback starts during the copy, so the flush that ends it waits for the tail only:
 NBD_FLUSH_EVERY = 128 * MiB  # a background flush per connection (each is a full fdatasync on the server)
 FILE_WRITEBACK_EVERY = 4 * MiB  # sync_file_range per writer, in its own thread (see FileWriter)
-FILE_KEEP_CACHED = 64 * MiB  # per writer, what it wrote last stays cached; older ranges are dropped
+FILE_KEEP_CACHED = 32 * MiB  # per writer: 32-64 MiB of what it wrote last stays cached, older ranges are dropped
 READ_RETRIES = 4  # a source read that fails (EIO from a flaky disk) is tried again this often, at once
 ZEROES = bytes(CHUNK)
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -62,9 +62,9 @@ class FileWriter:
     range written since (sync_file_range): submitting that I/O is CPU work (the page walk, the
     block layer), which inline held up the copy's reads; in its own thread (ctypes releases the
     GIL) it runs on the other core while the copy goes on, and the final fdatasync waits for the
-    tail only. Drop-behind, as nbdcopy does: once more than FILE_KEEP_CACHED has been written back,
-    the oldest ranges are waited for and dropped from the page cache (POSIX_FADV_DONTNEED), and
-    fdatasync ends the same way, so a copy leaves at most that much of the target cached. Nobody on
+    tail only. Drop-behind, as nbdcopy does: once more than twice FILE_KEEP_CACHED has been written
+    back, the oldest ranges are waited for and dropped from the page cache (POSIX_FADV_DONTNEED),
+    and fdatasync ends the same way, so a copy leaves at most that much of the target cached. Nobody on
     this host reads a migrated disk back soon; a copy that kept it all took a fresh page for every
     byte it wrote and pushed out what the host does use. In a VM with free page reporting
     (virtio-balloon, as here) every fresh page is a fault in the hypervisor: a 2 GiB copy into a
@@ -113,8 +113,9 @@ class FileWriter:
 
     def _settle(self, start: bool) -> None:
         """Start writeback of the queued ranges (``start``; after fdatasync they are on disk), then
-        drop the oldest from the page cache once more than FILE_KEEP_CACHED is: wait for their
-        writeback (started a while ago, so mostly done), then POSIX_FADV_DONTNEED."""
+        drop the oldest from the page cache once more than twice FILE_KEEP_CACHED is, down to
+        FILE_KEEP_CACHED: wait for their writeback (started a while ago, so mostly done), then
+        POSIX_FADV_DONTNEED."""
         with self.lock:
             while self.ranges:
                 lo, hi, n = self.ranges.popleft()
@@ -122,6 +123,8 @@ class FileWriter:
                     _libc.sync_file_range(self.fd, ctypes.c_long(lo), ctypes.c_long(hi - lo), _SYNC_FILE_RANGE_WRITE)
                 self.behind.append((lo, hi, n))
                 self.cached += n
+            if self.cached <= 2 * FILE_KEEP_CACHED:  # dropping is costly (it drains every CPU's
+                return                                # page lists): in batches of FILE_KEEP_CACHED
             lo, hi = 1 << 63, 0
             while self.cached > FILE_KEEP_CACHED:
                 a, b, n = self.behind.popleft()

@@ -86,7 +86,7 @@ def test_file_target_writeback_keeps_the_bytes(tmp_path, source, monkeypatch):
 
 
 def test_a_file_target_is_dropped_from_the_page_cache_behind_the_copy(tmp_path, source, monkeypatch):
-    """Drop-behind: a copy into a file leaves at most FILE_KEEP_CACHED of it in the page cache
+    """Drop-behind: a copy into a file leaves at most 2 x FILE_KEEP_CACHED of it in the page cache
     (fincore counts the target's resident pages), each dropped range was written back first (a
     waiting sync_file_range over it just before the POSIX_FADV_DONTNEED), and the bytes are the
     source's. Without drop-behind all 44 MiB written stay cached."""
@@ -109,7 +109,7 @@ def test_a_file_target_is_dropped_from_the_page_cache_behind_the_copy(tmp_path, 
     resident = int(subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(target)],
                                   capture_output=True, text=True, check=True).stdout)
     assert stats.bytes_written >= 44 * MiB
-    assert resident <= 6 * MiB, resident  # the last 4 MiB, plus the range the last one straddles
+    assert resident <= 10 * MiB, resident  # at most twice FILE_KEEP_CACHED, plus a range straddled
     drops = [i for i, c in enumerate(calls) if c[0] == "drop"]
     assert drops
     for i in drops:

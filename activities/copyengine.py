@@ -63,10 +63,10 @@ class FileWriter:
     block layer), which inline held up the copy's reads; in its own thread (ctypes releases the
     GIL) it runs on the other core while the copy goes on, and the final fdatasync waits for the
     tail only. Drop-behind, as nbdcopy does: once more than twice FILE_KEEP_CACHED has been written
-    back, the oldest ranges are waited for and dropped from the page cache (POSIX_FADV_DONTNEED),
-    and fdatasync ends the same way, so a copy leaves at most that much of the target cached. Nobody on
-    this host reads a migrated disk back soon; a copy that kept it all took a fresh page for every
-    byte it wrote and pushed out what the host does use. In a VM with free page reporting
+    back, the oldest ranges are waited for and dropped from the page cache (POSIX_FADV_DONTNEED)
+    down to FILE_KEEP_CACHED, and fdatasync ends the same way, so a copy leaves at most 64 MiB per
+    writer of the target cached. Nobody on this host reads a migrated disk back soon; a copy that
+    kept it all took a fresh page for every byte it wrote and pushed out what the host does use. In a VM with free page reporting
     (virtio-balloon, as here) every fresh page is a fault in the hypervisor: a 2 GiB copy into a
     file took ~3x as long as with drop-behind, whose dropped pages the next writes reuse. Small
     copies (an incremental sync of a few dozen MiB) drop nothing and pay nothing for it."""
@@ -145,7 +145,7 @@ class FileWriter:
         os.fdatasync(self.fd)  # the size never changes: the data and the block map are what matter
         if self.unstarted:
             self._queue()
-        self._settle(start=False)  # at most FILE_KEEP_CACHED of it stays cached
+        self._settle(start=False)  # at most 2 x FILE_KEEP_CACHED of it stays cached
 
     def close(self) -> None:
         if self.writeback is not None:  # it must not touch the fd once closed (or reused)

@@ -8,8 +8,9 @@ interleaved); then a cold migration end to end through Temporal against the bare
 same source and the same kind of target; an incremental sync of a 1 %-changed disk against
 the full copy (as a worker's later syncs run, in a process that has copied before, and as a
 fresh process's first), for a quiesced qcow2 image and for a running QEMU's disk (a warm
-migration's source, with nbdcopy on the same export for the full sync); peak RSS for a 1 GiB and a 16 GiB sparse disk; 8 concurrent migrations on one
-worker against one; and a volume type limited to 50 MiB/s. Prints a table and writes JSON.
+migration's source, with nbdcopy on the same export for the full sync); peak RSS for a 1 GiB
+and a 16 GiB sparse disk; 8 concurrent migrations on one worker against one; and a volume type
+limited to 50 MiB/s. Prints a table and writes JSON.
 The work directory (~25 GiB of inputs and targets) is removed at the end unless ``--keep-inputs``
 (a later run then reuses the inputs); a ``--workdir`` of your own that was not empty is left alone.
 """
@@ -57,9 +58,11 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def timed(argv: list[str], env: dict | None = None) -> dict:
-    """Run a command; its wall time and its own peak RSS (wait4, through _LAUNCH)."""
-    p = subprocess.run([PY, "-S", "-c", _LAUNCH, *argv], capture_output=True, env=env, check=False)
+def timed(argv: list[str]) -> dict:
+    """Run a command (with this tree on PYTHONPATH, for the engine); its wall time and its own
+    peak RSS (wait4, through _LAUNCH)."""
+    p = subprocess.run([PY, "-S", "-c", _LAUNCH, *argv], capture_output=True, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     err, _, tail = p.stderr.decode().rpartition("\n@@launch ")
     if p.returncode != 0 or not tail:
         raise RuntimeError(f"{argv[0]} failed (exit {p.returncode}): {(err if tail else p.stderr.decode())[-500:]}")
@@ -167,7 +170,7 @@ def full_copy(work: Path, runs: int) -> dict:
                 fresh_target(dst, size)
                 d = Server(dst, work / "dst.sock", readonly=False)
                 try:
-                    r = timed(argv(s.uri, d.uri), env={**os.environ, "PYTHONPATH": str(ROOT)})
+                    r = timed(argv(s.uri, d.uri))
                 finally:
                     d.stop()
                 r["mib_s"] = r["wall_mib_s"] = mib_s(data, r["wall_s"])
@@ -205,8 +208,7 @@ def full_copy(work: Path, runs: int) -> dict:
 
 def bare_engine_file(src: Path, dst: Path, size: int, extra: list[str] | None = None) -> dict:
     fresh_target(dst, size)
-    r = timed([PY, "-m", "benchmarks.engine", str(src), str(dst), "--src-image", "raw", "--dst-file", *(extra or [])],
-              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = timed([PY, "-m", "benchmarks.engine", str(src), str(dst), "--src-image", "raw", "--dst-file", *(extra or [])])
     st = json.loads(r["stdout"])
     return {"mib_s": mib_s(st["bytes_read"], st["copy_s"]), "peak_rss_mib": r["peak_rss_mib"], **st}
 
@@ -290,11 +292,10 @@ def sync_runs(argv: list[str], runs: int) -> tuple[list[float], list[float], dic
     pays what a fresh process pays (buffer pool, cold code); the second runs as a worker's later
     syncs do, in a process that has copied before. (first-sync times, later-sync times, the last
     later sync's statistics)"""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     fresh_s, warm_s = [], []
     for _ in range(runs):
         os.sync()
-        r = timed([*argv, "--repeat", "2"], env=env)
+        r = timed([*argv, "--repeat", "2"])
         first, st = (json.loads(line) for line in r["stdout"].splitlines())
         fresh_s.append(first["elapsed_s"])
         warm_s.append(st["elapsed_s"])
@@ -326,14 +327,13 @@ def incremental(work: Path, runs: int) -> dict:
     tracker = QuiescedImage(str(q))
     dst = work / "inc-dst.raw"
     engine = [PY, "-m", "benchmarks.engine", str(q), str(dst), "--src-image", "qcow2", "--dst-file"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     settle(q)
     full_s = []
     with tracker.freeze(0):
         for i in range(runs):
             fresh_target(dst, 4 * GiB)
             os.sync()
-            full_s.append(json.loads(timed(engine, env=env)["stdout"])["elapsed_s"])
+            full_s.append(json.loads(timed(engine)["stdout"])["elapsed_s"])
             print(f"  full copy        {full_s[-1]:.3f} s", flush=True)
     cmds = [x for pattern, off in delta_blocks() for x in ("-c", f"write -P {pattern} {off} 64k")]
     for i in range(0, len(cmds), 400):
@@ -361,7 +361,10 @@ def live(work: Path, runs: int) -> dict:
     q = d / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(source_4g(work)), str(q)], check=True)
     dst = work / "live-dst.raw"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def engine(export: str) -> list[str]:  # each sync's export has its own name
+        return [PY, "-m", "benchmarks.engine", export, str(dst), "--dst-file"]
+
     settle(q)
     with qemu_storage_daemon(q, d) as qsd:
         disk = LiveDisk(str(qsd.qmp), "disk0", d / "run", nbd_socket=str(qsd.guest))
@@ -371,8 +374,7 @@ def live(work: Path, runs: int) -> dict:
                 for i in range(runs):
                     fresh_target(dst, 4 * GiB)
                     os.sync()
-                    full_s.append(json.loads(timed([PY, "-m", "benchmarks.engine", view.location, str(dst), "--dst-file"],
-                                                   env=env)["stdout"])["elapsed_s"])
+                    full_s.append(json.loads(timed(engine(view.location))["stdout"])["elapsed_s"])
                     fresh_target(dst, 4 * GiB)
                     os.sync()
                     nbdcopy_s.append(timed(["nbdcopy", "--flush", "--destination-is-zero", view.location, str(dst)])["wall_s"])
@@ -384,8 +386,7 @@ def live(work: Path, runs: int) -> dict:
             guest.flush()
             guest.shutdown()
             with disk.freeze(1) as view:
-                fresh_s, inc_s, st = sync_runs([PY, "-m", "benchmarks.engine", view.location, str(dst), "--dst-file",
-                                                "--bitmap", view.bitmap], runs)
+                fresh_s, inc_s, st = sync_runs([*engine(view.location), "--bitmap", view.bitmap], runs)
         finally:
             disk.stop()
     dst.unlink(missing_ok=True)

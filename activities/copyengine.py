@@ -2,9 +2,9 @@
 
 Connections (a source handle and a writer each, 4 for large copies) are driven by THREADS
 threads, each polling its share; a connection keeps a window of libnbd AIO reads over pieces
-handed out in ascending order, topped up in bursts (REFILL_AT). A piece counts as done once written, and ``offset`` is the end of the
-longest run of done pieces from the start, so everything below it is on the target and a restart
-resumes exactly there. Zero extents are never read; on a fresh target they are not written
+handed out in ascending order, topped up in bursts (REFILL_AT). A piece counts as done once
+written, and ``offset`` is the end of the longest run of done pieces from the start, so
+everything below it is on the target and a restart resumes exactly there. Zero extents are never read; on a fresh target they are not written
 either, and data chunks that turn out to be all zeroes are skipped the same way. The target's
 writeback starts while the copy runs (background NBD flushes, sync_file_range), so the flush that
 ends a copy waits for the tail only. Buffers come from one pool per process with one budget

@@ -463,7 +463,6 @@ class _Conn:
         self.events: deque[tuple[int, int, Extent, _Buf, int, int]] = deque()  # kind, seq, e, buf, tries, errno
         self.more = True
         self.taken: deque[tuple[int, Extent]] = deque()  # pieces taken, not yet issued (waiting for a buffer)
-        self.limited = bool(throttle.bps or throttle.iops)
         self.burst = max(1, depth // REFILL_AT)
         self.unflushed = 0  # bytes written to an NBD target since its last flush was issued
         self.flushing = False
@@ -476,7 +475,7 @@ class _Conn:
     def _buffer(self, n: int) -> _Buf | None:
         """A buffer for ``n`` bytes, or None: wait until one of this connection's comes back."""
         size = _buffer_size(n)
-        fits = self.free.get(size) or _fitting(self.free, size)
+        fits = _fitting(self.free, size)
         if fits:
             return fits.pop()
         idle = [s for s, bs in self.free.items() if bs]
@@ -600,8 +599,7 @@ class _Conn:
                     read += n
                     free.setdefault(len(data), []).append(buf)
                     continue
-                if self.limited:
-                    self.throttle.acquire(n)
+                self.throttle.acquire(n)
                 if self.dst is not None:
                     self._write(seq, e, buf)
                     continue
@@ -621,17 +619,13 @@ def _drive(conns: list[_Conn], t: _Tracker) -> None:
         for c in conns:
             c.fill()
         live = [c for c in conns if not c.finished]
-        if len(live) == 1 and len(live[0].handles) == 1:  # the common small copy: one source, a file
-            c, poll = live[0], live[0].src.poll  # libnbd's own poll, no poll object per wake-up
-            while not c.finished:
-                if not c.events:
-                    poll(1000)
-                c.handle_events()
-                c.fill()
-            live = []
         while live:
             if not any(c.events for c in live):
-                _wait([h for c in live for h in c.handles])
+                handles = [h for c in live for h in c.handles]
+                if len(handles) == 1:  # libnbd's own poll: no poll object to build per wake-up
+                    handles[0].poll(1000)
+                else:
+                    _wait(handles)
             for c in live:
                 c.handle_events()
                 c.fill()

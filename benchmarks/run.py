@@ -116,7 +116,10 @@ def settle(*warm: Path) -> None:
     """The same start for every stage: nothing left to write back, and (as root, unless
     XMS_BENCH_KEEP_CACHES=1) an empty page cache with only the stage's sources read into it. A
     page cache filled by earlier stages makes every new page cost a reclaim: the same tools
-    measured 30-50 % slower in that state."""
+    measured 30-50 % slower in that state. The stages that settle once then run one untimed copy
+    before their timed ones: the first copy after this writes into memory the hypervisor has taken back (free page
+    reporting) and ran up to 2x slower, whichever tool went first (nbdcopy --flush 213 MiB/s
+    first, 396-449 after), so the tool measured first was measured on a slower machine."""
     os.sync()
     if os.geteuid() == 0 and os.environ.get("XMS_BENCH_KEEP_CACHES") != "1":
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -162,27 +165,34 @@ def full_copy(work: Path, runs: int) -> dict:
         "qemu-img convert": lambda s, d: ["qemu-img", "convert", "-n", "--target-is-zero", "-f", "raw", "-O", "raw", s, d],
     }
     results: dict[str, list[dict]] = {t: [] for t in tools}
+    names = list(tools)
+
+    def one(name: str) -> dict:
+        fresh_target(dst, size)
+        d = Server(dst, work / "dst.sock", readonly=False)
+        try:
+            r = timed(tools[name](s.uri, d.uri))
+        finally:
+            d.stop()
+        r["mib_s"] = r["wall_mib_s"] = mib_s(data, r["wall_s"])
+        if name == "xms":
+            # a worker is a running process: its copy is timed from the first connect to the
+            # flush done (what a migration waits for); the wall time also pays the
+            # interpreter's start and imports (~0.3 s), reported next to it
+            st = json.loads(r.pop("stdout"))
+            r.update(bytes_read=st["bytes_read"], bytes_written=st["bytes_written"],
+                     mib_s=mib_s(data, st["elapsed_s"]))
+        else:
+            r.pop("stdout")
+        return r
+
     settle(src)
     s = Server(src, work / "src.sock")
     try:
+        one("qemu-img convert")  # untimed warm-up (see settle)
         for i in range(runs):
-            for name, argv in tools.items():  # interleaved, so drift hits every tool alike
-                fresh_target(dst, size)
-                d = Server(dst, work / "dst.sock", readonly=False)
-                try:
-                    r = timed(argv(s.uri, d.uri))
-                finally:
-                    d.stop()
-                r["mib_s"] = r["wall_mib_s"] = mib_s(data, r["wall_s"])
-                if name == "xms":
-                    # a worker is a running process: its copy is timed from the first connect to the
-                    # flush done (what a migration waits for); the wall time also pays the
-                    # interpreter's start and imports (~0.3 s), reported next to it
-                    st = json.loads(r.pop("stdout"))
-                    r.update(bytes_read=st["bytes_read"], bytes_written=st["bytes_written"],
-                             mib_s=mib_s(data, st["elapsed_s"]))
-                else:
-                    r.pop("stdout")
+            for name in names[i % len(names):] + names[:i % len(names)]:  # interleaved, each first in turn
+                r = one(name)
                 results[name].append(r)
                 print(f"  full copy run {i + 1}/{runs} {name:17s} {r['mib_s']:7.1f} MiB/s (wall {r['wall_mib_s']:.0f})  rss {r['peak_rss_mib']:.0f} MiB",
                       flush=True)
@@ -330,11 +340,12 @@ def incremental(work: Path, runs: int) -> dict:
     settle(q)
     full_s = []
     with tracker.freeze(0):
-        for i in range(runs):
+        for i in range(runs + 1):
             fresh_target(dst, 4 * GiB)
             os.sync()
             full_s.append(json.loads(timed(engine)["stdout"])["elapsed_s"])
-            print(f"  full copy        {full_s[-1]:.3f} s", flush=True)
+            print(f"  full copy        {full_s[-1]:.3f} s{' (untimed warm-up, see settle)' if i == 0 else ''}", flush=True)
+    full_s = full_s[1:]
     cmds = [x for pattern, off in delta_blocks() for x in ("-c", f"write -P {pattern} {off} 64k")]
     for i in range(0, len(cmds), 400):
         subprocess.run(["qemu-io", "-f", "qcow2", *cmds[i:i + 400], str(q)], check=True, capture_output=True)
@@ -371,13 +382,21 @@ def live(work: Path, runs: int) -> dict:
         try:
             full_s, nbdcopy_s = [], []
             with disk.freeze(0) as view:
-                for i in range(runs):
+                def xms() -> None:
                     fresh_target(dst, 4 * GiB)
                     os.sync()
                     full_s.append(json.loads(timed(engine(view.location))["stdout"])["elapsed_s"])
+
+                def nbdcopy() -> None:
                     fresh_target(dst, 4 * GiB)
                     os.sync()
                     nbdcopy_s.append(timed(["nbdcopy", "--flush", "--destination-is-zero", view.location, str(dst)])["wall_s"])
+
+                xms()  # untimed warm-up (see settle)
+                full_s.clear()
+                for i in range(runs):  # interleaved, each going first in turn
+                    for step in (xms, nbdcopy) if i % 2 == 0 else (nbdcopy, xms):
+                        step()
                     print(f"  full sync        xms {full_s[-1]:.3f} s, nbdcopy --flush {nbdcopy_s[-1]:.3f} s", flush=True)
             guest = nbd.NBD()
             guest.connect_uri(qsd.guest_uri)

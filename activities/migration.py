@@ -276,7 +276,7 @@ class MigrationActivities:
                         conns = [(src, copyengine.open_writer(target))]
                         try:
                             for _ in range(copyengine.connections_for(sum(e.length for e in todo if not e.zero)) - 1):
-                                conns.append((view.connect(), copyengine.open_writer(target)))
+                                conns.append((view.connect(private=True), copyengine.open_writer(target)))
                             stats = copyengine.copy(
                                 src, todo, conns[0][1], more=conns[1:], fresh=fresh,
                                 throttle=copyengine.Throttle(inp.qos.write_bytes_sec, inp.qos.write_iops_sec),

@@ -59,7 +59,8 @@ def run(a: argparse.Namespace) -> dict:
     target = TargetEndpoint(kind="file", path=a.dst, size=size) if a.dst_file else TargetEndpoint(kind="nbd", uri=a.dst, size=size)
     writer = copyengine.open_writer(target)
     n = a.connections or copyengine.connections_for(allocated if not a.bitmap else sum(e.length for e in plan))
-    more = [(transport.connect(a.src, kind, a.src_image or "raw", bitmap=a.bitmap), copyengine.open_writer(target))
+    more = [(transport.connect(a.src, kind, a.src_image or "raw", bitmap=a.bitmap, private=True),
+             copyengine.open_writer(target))
             for _ in range(n - 1)]
     t_more = time.monotonic()
     stats = copyengine.copy(src, plan, writer, more=more, fresh=not a.bitmap, depth=a.depth,

@@ -459,7 +459,8 @@ class Harness:
         def strays() -> list[tuple[int, str]]:
             out = []
             for sid in self.worker_sessions:
-                out += [(pid, what) for pid, what in session_processes(sid) if pid != live_worker]
+                out += [(pid, what) for pid, what in session_processes(sid)
+                        if pid != live_worker and not idle_image_server(pid, live_worker)]
             out += [(pid, what) for pid, what in helper_processes(str(self.data)) if (pid, what) not in out]
             return out
 
@@ -540,6 +541,28 @@ def helper_processes(needle: str) -> list[tuple[int, str]]:
         if st and st[0] in HELPER_COMMS and needle in _cmdline(pid):
             out.append((pid, st[0]))
     return out
+
+
+def idle_image_server(pid: int, worker: int | None) -> bool:
+    """The running worker's own image server (activities/transport/imageserver.py: a
+    qemu-storage-daemon that lives as long as the worker) holding no image: between syncs it has
+    no file open beyond the worker's stdio, only sockets, eventfds and io_uring."""
+    st = _proc_stat(pid)
+    if worker is None or not st or not st[0].startswith("qemu-storage-d") or _ppid(pid) != worker:
+        return False
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) > 2]
+    except OSError:
+        return False
+    return not any(link.startswith("/") and not link.startswith("/dev/") for link in links)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(raw[raw.rindex(")") + 2:].split()[1])
 
 
 def describe_process(pid: int) -> str:

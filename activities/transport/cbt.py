@@ -39,9 +39,11 @@ class FrozenView:
     generation: int
     freeze_id: str = ""  # changes whenever the point in time is frozen anew (a resumed copy must match)
 
-    def connect(self):
-        # the source was readable at admission: a server that does not answer now is retried
-        return transport.connect(self.location, self.kind, self.fmt, bitmap=self.bitmap, retry_unreachable=True)
+    def connect(self, private: bool = False):
+        """A handle on the view (``private``: see transport.connect). The source was readable at
+        admission: a server that does not answer now is retried."""
+        return transport.connect(self.location, self.kind, self.fmt, bitmap=self.bitmap, retry_unreachable=True,
+                                 private=private)
 
 
 class ChangeTracker(Protocol):

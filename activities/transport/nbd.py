@@ -6,7 +6,8 @@ left, not even by a killed process, and nobody else can connect), then handed to
 by posix_spawn, which does not copy the worker's page tables as a fork does (libnbd's own socket
 activation forks: 20-29 ms per connection in a worker of 300 MiB, 8 ms with posix_spawn). qemu-nbd
 exits when the handle closes, or when its parent dies (``setpriv --pdeathsig``: a qemu-nbd whose
-client died before the NBD handshake would otherwise run for ever).
+client died before the NBD handshake would otherwise run for ever). An incremental sync's image
+is exported by the worker's image server instead (imageserver.py: no process to start).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ _ACTIVATE = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
 _LISTEN_FD = 3  # SD_LISTEN_FDS_START
 # the private qemu-nbd's socket send buffer: with the AF_UNIX default (208 KiB) it sends replies in
 # pieces and waits for the reader between them; 4 MiB (or net.core.wmem_max if lower): an
-# incremental sync's copy ~18 % faster (benchmarks/). qemu-nbd has no option: _grow_send_buffer.
+# incremental sync's copy ~18 % faster (benchmarks/). qemu-nbd has no option: grow_send_buffer.
 SERVER_SNDBUF = 4 << 20
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture (Linux >= 5.6)
 BLOCK_STATUS_WINDOW = 1 << 30  # servers may refuse >= 4 GiB; qemu caps at 1 GiB anyway
@@ -122,11 +123,14 @@ def connect(
     writable: bool = False,
     bitmap: str | None = None,
     retry_unreachable: bool = False,
+    private: bool = False,
 ) -> nbd.NBD:
     """A connected libnbd handle. Connection failures become SourceUnreadable (one line).
     With ``bitmap``, the export also offers ``qemu:dirty-bitmap:<bitmap>``. With
     ``retry_unreachable`` (a copy of a source that was admitted), an NBD server that does not
-    answer is SourceUnreachable, which is retried: it may be restarting."""
+    answer is SourceUnreachable, which is retried: it may be restarting. A local image read with
+    a bitmap (an incremental sync) is exported by the worker's image server (imageserver.py),
+    unless ``private``: the extra connections of a large copy, each with its own qemu-nbd."""
     def handle() -> nbd.NBD:
         h = nbd.NBD()
         for ctx in (*meta_contexts, *([dirty_context(bitmap)] if bitmap else [])):
@@ -137,6 +141,10 @@ def connect(
     try:
         if kind == "nbd":
             h.connect_uri(location)
+        elif bitmap and not writable and not private:
+            from activities.transport.imageserver import SERVER  # it builds on this module
+
+            SERVER.connect(h, location, fmt, bitmap)
         else:
             argv = ["-f", fmt, *([] if writable else ["-r"]), *(["-B", bitmap] if bitmap else [])]
             h = _serve(handle, h, argv, location, writable)
@@ -208,34 +216,37 @@ def _start(h: nbd.NBD, argv: list[str], location: str, writable: bool) -> None:
         os.kill(pid, 9)
         reap()
         raise
-    _grow_send_buffer(pid)
+    grow_send_buffer(pid)
 
 
-def _grow_send_buffer(pid: int) -> None:
-    """Give the private qemu-nbd's end of the connection a send buffer of SERVER_SNDBUF. That
-    socket is made by the kernel when qemu-nbd accepts (it does not inherit the listener's
-    options), so set the option on qemu-nbd's socket (_server_socket). Best effort: where the
-    kernel or a sandbox refuses, qemu-nbd keeps the default and is only slower."""
-    theirs = _server_socket(pid)
+def grow_send_buffer(pid: int, fd: int | None = None) -> None:
+    """Give the server's end of a connection (socket ``fd`` of process ``pid``; by default the one
+    socket of a private qemu-nbd besides its listener) a send buffer of SERVER_SNDBUF. That socket
+    is made by the kernel when the server accepts (it does not inherit the listener's options), so
+    set the option on a copy of it (pidfd_getfd: the same kernel socket). Best effort: where the
+    kernel or a sandbox refuses, the server keeps the default and is only slower."""
+    theirs = _server_socket(pid, fd)
     if theirs is not None:
         with theirs:
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
 
 
-def _server_socket(pid: int) -> socket.socket | None:
-    """A copy (pidfd_getfd) of the socket qemu-nbd, our child, serves its one client on: the
-    same kernel socket, so options set on it are qemu-nbd's. None if it cannot be had."""
+def _server_socket(pid: int, fd: int | None = None) -> socket.socket | None:
+    """A copy (pidfd_getfd) of socket ``fd`` of process ``pid``, our child; by default of the
+    socket a private qemu-nbd serves its one client on. None if it cannot be had."""
     try:
-        socks = [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
-                 if fd != str(_LISTEN_FD) and os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
-        if len(socks) != 1:  # after the handshake: the listener and our connection, nothing else
-            return None
+        if fd is None:
+            socks = [int(n) for n in os.listdir(f"/proc/{pid}/fd")
+                     if n != str(_LISTEN_FD) and os.readlink(f"/proc/{pid}/fd/{n}").startswith("socket:")]
+            if len(socks) != 1:  # after the handshake: the listener and our connection, nothing else
+                return None
+            fd = socks[0]
         pidfd = os.pidfd_open(pid)
         try:
-            fd = _libc().syscall(_SYS_PIDFD_GETFD, pidfd, socks[0], 0)
+            got = _libc().syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
         finally:
             os.close(pidfd)
-        return socket.socket(fileno=fd) if fd >= 0 else None
+        return socket.socket(fileno=got) if got >= 0 else None
     except (OSError, AttributeError):  # no /proc, no pidfd_open
         return None
 
@@ -287,6 +298,9 @@ def close(h: nbd.NBD) -> None:
     reap = getattr(h, "_xms_reap", None)
     if reap is not None:
         reap()  # qemu-nbd exits once its client has gone
+    export = getattr(h, "_xms_export", None)
+    if export is not None:
+        export()  # the image server's export and node are gone: the image is closed and unlocked
 
 
 def dirty_context(bitmap: str) -> str:

@@ -153,3 +153,15 @@ def test_the_daemon_dies_with_its_process(image):
     SERVER.stop()
     transport.close(transport.connect(str(image), "image", "qcow2", bitmap="b"))
     assert not any(d.exists() for d in left)
+
+
+def test_the_cli_leaves_no_socket_directory(image):
+    """xms leaves with os._exit (no exit handlers run): a worker that used the image server still
+    removes its socket directory, and its daemon goes with it."""
+    code = ("import sys\nfrom activities.transport import nbd as t\nfrom activities.transport.imageserver import SERVER\n"
+            f"t.close(t.connect({str(image)!r}, 'image', 'qcow2', bitmap='b'))\nprint(SERVER.daemon.dir, flush=True)\n"
+            "from xms import cli\nsys.argv = ['xms', '--help']\ncli.main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    d = Path(r.stdout.splitlines()[0])
+    assert d.name.startswith("xms-images-") and not d.exists()

@@ -282,22 +282,41 @@ def test_dirty_runs_match_a_per_block_model(windows):
     assert got == [tuple(w) for w in want]
 
 
-def test_private_qemu_nbd_sends_with_a_larger_socket_buffer(tmp_path):
-    """The socket a local image's private qemu-nbd replies on gets a send buffer above the kernel's
-    default (qemu-nbd sets none itself): read back from the socket qemu-nbd holds, via pidfd_getfd."""
+@pytest.mark.parametrize("server", ["private qemu-nbd", "image server", "NBD URI on a unix socket"])
+def test_the_server_sends_with_a_larger_socket_buffer(tmp_path, server):
+    """The socket the server replies on gets a send buffer above the kernel's default (neither
+    qemu-nbd nor QEMU's NBD server sets one): a local image's private qemu-nbd, the worker's image
+    server, and a server on this host reached by URI (as a running VM's QEMU is for a live sync).
+    Read back from the socket the server holds, via pidfd_getfd."""
     import socket
 
-    img = tmp_path / "d.raw"
-    img.write_bytes(bytes(1 << 20))
+    from tests.conftest import wait_until
+
     with open("/proc/sys/net/core/wmem_default") as f:
         default = int(f.read())
-    with transport.handle(str(img), "image", "raw") as h:
-        theirs = transport._server_socket(transport.server_pid(h))
-        assert theirs is not None
-        with theirs:
-            assert theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > default
-        assert h.pread(4096, 0) == bytes(4096)
-    assert transport.server_pid(h) is None
+    img = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(img), "b"], check=True)
+    sock = tmp_path / "nbd.sock"
+    proc = None
+    if server == "NBD URI on a unix socket":
+        proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", str(sock), str(img)])
+        wait_until(sock.exists, 30, "qemu-nbd socket")
+    args = {"private qemu-nbd": (str(img), "image", "qcow2"),
+            "image server": (str(img), "image", "qcow2"),
+            "NBD URI on a unix socket": (f"nbd+unix:///?socket={sock}", "nbd")}[server]
+    try:
+        with transport.handle(*args, bitmap="b" if server == "image server" else None) as h:
+            assert (transport.server_pid(h) is not None) == (server == "private qemu-nbd")
+            theirs = transport.server_socket(h)
+            assert theirs is not None
+            with theirs:
+                assert theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > default
+            assert h.pread(4096, 0) == bytes(4096)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_long_tmpdir_does_not_stop_a_private_qemu_nbd(tmp_path, monkeypatch):

@@ -224,18 +224,15 @@ class ImageServer:
                 raise SourceUnreadable(f"cannot open {path}: {e}") from None
             client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                before = _sockets(d.pid)
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, transport.SERVER_SNDBUF)
                 client.connect(d.nbd_path)
                 h.set_export_name(name)
                 h.connect_socket(client.detach())
-                new = _sockets(d.pid) - before  # accepted during the handshake, under the lock: ours
-                if len(new) == 1:
-                    transport.grow_send_buffer(d.pid, new.pop())
             except (OSError, nbd.Error) as e:
                 client.close()  # if libnbd did not take it
                 self._remove(d, name)
                 raise SourceUnreadable(f"cannot open {path}: {getattr(e, 'string', None) or e}") from None
+        transport.grow_server_send_buffer(h)
         h.set_pread_initialize(False)  # as for a private qemu-nbd (see nbd._start)
         # removed by transport.close(h), or when the handle is dropped without it
         h._xms_export = weakref.finalize(h, self._release, d, name)
@@ -288,21 +285,6 @@ class ImageServer:
             if self.daemon is not None:
                 self.daemon.stop()
                 self.daemon = None
-
-
-def _sockets(pid: int) -> set[int]:
-    """The socket fds of process ``pid``."""
-    out = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                    out.add(int(fd))
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return out
 
 
 SERVER = ImageServer()

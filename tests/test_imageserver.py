@@ -165,3 +165,14 @@ def test_the_cli_leaves_no_socket_directory(image):
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
     d = Path(r.stdout.splitlines()[0])
     assert d.name.startswith("xms-images-") and not d.exists()
+
+
+def test_a_handle_dropped_without_close_gives_its_image_back(image):
+    """A handle that is garbage collected without close() has its export and node removed (in a
+    thread of their own: its finalizer may run while the server's lock is held)."""
+    h = transport.connect(str(image), "image", "qcow2", bitmap="b")
+    assert _on_daemon("query-block-exports") != []
+    del h
+    wait_until(lambda: _on_daemon("query-block-exports") == [] and _ours(_on_daemon("query-named-block-nodes")) == [],
+               30, "the export's removal")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 64k", str(image)], check=True, capture_output=True)

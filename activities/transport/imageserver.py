@@ -234,8 +234,8 @@ class ImageServer:
                 raise SourceUnreadable(f"cannot open {path}: {getattr(e, 'string', None) or e}") from None
         transport.grow_server_send_buffer(h)
         h.set_pread_initialize(False)  # as for a private qemu-nbd (see nbd._start)
-        # removed by transport.close(h), or when the handle is dropped without it
-        h._xms_export = weakref.finalize(h, self._release, d, name)
+        # removed by transport.close(h) (release), or when the handle is dropped without it
+        h._xms_export = weakref.finalize(h, self._release_later, d, name)
         h._xms_export.atexit = False  # at exit the daemon dies with the process
 
     def _add_node(self, d: _Daemon, name: str, path: str, fmt: str) -> None:
@@ -272,6 +272,18 @@ class ImageServer:
             return
         d.until_deleted(name)
         self._remove_node(d, name)
+
+    def release(self, h: nbd.NBD) -> None:
+        """Remove ``h``'s export and node now (``h`` is closed): the image is closed and unlocked
+        when this returns."""
+        got = h._xms_export.detach()
+        if got is not None:
+            self._release(*got[2])
+
+    def _release_later(self, d: _Daemon, name: str) -> None:
+        """A handle dropped without close(): its finalizer may run anywhere, even in a thread that
+        holds the lock in the middle of a QMP exchange, so the removal runs in a thread of its own."""
+        threading.Thread(target=self._release, args=(d, name), name="xms-image-release", daemon=True).start()
 
     def _release(self, d: _Daemon, name: str) -> None:
         with self.lock:

@@ -345,9 +345,10 @@ def close(h: nbd.NBD) -> None:
     reap = getattr(h, "_xms_reap", None)
     if reap is not None:
         reap()  # qemu-nbd exits once its client has gone
-    export = getattr(h, "_xms_export", None)
-    if export is not None:
-        export()  # the image server's export and node are gone: the image is closed and unlocked
+    if hasattr(h, "_xms_export"):
+        from activities.transport.imageserver import SERVER  # loaded: it made the export
+
+        SERVER.release(h)  # the export and node are gone: the image is closed and unlocked
 
 
 def dirty_context(bitmap: str) -> str:

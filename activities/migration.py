@@ -290,7 +290,14 @@ class MigrationActivities:
                                 if i:
                                     transport.close(h)
                     beat(offset=disk.virtual_size, stage="verify" if inp.verify else "copy")
-                    sums = self._checksums(src, target, disk.virtual_size, beat) if inp.verify else None
+                    sums = None
+                    if inp.verify:  # reads the whole disk: not through the image server's one main loop
+                        whole = view.connect(private=True) if view.kind == "image" and view.bitmap else src
+                        try:
+                            sums = self._checksums(whole, target, disk.virtual_size, beat)
+                        finally:
+                            if whole is not src:
+                                transport.close(whole)
                 if sums and not sums.match:  # inside the freeze: the generation is not committed
                     raise ApplicationError(
                         f"disk {disk.index}: target checksum {sums.target[:16]}… differs from source "

@@ -551,10 +551,18 @@ def idle_image_server(pid: int, worker: int | None) -> bool:
     if worker is None or not st or not st[0].startswith("qemu-storage-d") or _ppid(pid) != worker:
         return False
     try:
-        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) > 2]
+        fds = [fd for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) > 2]
     except OSError:
         return False
+    links = [_readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]  # one closed meanwhile reads as ""
     return not any(link.startswith("/") and not link.startswith("/dev/") for link in links)
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
 
 
 def _ppid(pid: int) -> int | None:

@@ -308,6 +308,11 @@ def test_the_server_sends_with_a_larger_socket_buffer(tmp_path, server):
     try:
         with transport.handle(*args, bitmap="b" if server == "image server" else None) as h:
             assert (transport.server_pid(h) is not None) == (server == "private qemu-nbd")
+            if server == "image server":
+                from activities.transport.imageserver import SERVER
+
+                with SERVER.lock:
+                    assert len(SERVER.daemon.command("query-block-exports")) == 1
             theirs = transport.server_socket(h)
             assert theirs is not None
             with theirs:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ import pytest
 
 from activities import copyengine
 from activities.transport import nbd as transport
-from activities.transport.imageserver import SERVER, _socket_dir
+from activities.transport.imageserver import _ROOM, SERVER
 from tests.conftest import MiB, wait_until
-from xms.errors import SourceUnreadable
+from xms.errors import SourceUnreadable, TransientIOError
 from xms.models import TargetEndpoint
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,8 +50,14 @@ def _on_daemon(command: str):
         return SERVER.daemon.command(command)
 
 
-def _ours(nodes: list[dict]) -> list[str]:
-    return [n["node-name"] for n in nodes if n["node-name"].startswith("xms-")]
+def _nothing_on_the_daemon() -> bool:
+    nodes = _on_daemon("query-named-block-nodes")
+    return _on_daemon("query-block-exports") == [] and not [n for n in nodes if n["node-name"].startswith("xms-")]
+
+
+def _writable(img) -> None:
+    """A writer can open the image: nothing holds its lock."""
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 64k", str(img)], check=True, capture_output=True)
 
 
 def _raw(img, tmp_path) -> bytes:
@@ -79,8 +86,8 @@ def test_an_incremental_sync_reads_through_the_image_server(image, tmp_path):
     src, got = _raw(image, tmp_path), dst.read_bytes()
     for off, n in CHANGED:
         assert hashlib.sha256(got[off:off + n]).hexdigest() == hashlib.sha256(src[off:off + n]).hexdigest()
-    assert _on_daemon("query-block-exports") == [] and _ours(_on_daemon("query-named-block-nodes")) == []
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 64k", str(image)], check=True, capture_output=True)
+    assert _nothing_on_the_daemon()
+    _writable(image)
 
 
 def test_extra_connections_are_private(image):
@@ -98,6 +105,8 @@ def test_bad_input_is_one_line_and_leaves_nothing_on_the_daemon(image, tmp_path)
     the image and qemu's reason; no node or export left behind."""
     not_qcow2 = tmp_path / "plain.raw"
     not_qcow2.write_bytes(bytes(MiB))
+    transport.close(transport.connect(str(image), "image", "qcow2", bitmap="b"))
+    daemon = SERVER.daemon.pid
     for path, bitmap, reason in ((image, "nope", "Bitmap 'nope' is not found"),
                                  (tmp_path / "missing.qcow2", "b", "No such file or directory"),
                                  (not_qcow2, "b", "qcow2")):
@@ -105,7 +114,8 @@ def test_bad_input_is_one_line_and_leaves_nothing_on_the_daemon(image, tmp_path)
             transport.connect(str(path), "image", "qcow2", bitmap=bitmap)
         msg = str(e.value)
         assert msg.startswith(f"cannot open {path}: ") and reason in msg and "\n" not in msg
-    assert _on_daemon("query-block-exports") == [] and _ours(_on_daemon("query-named-block-nodes")) == []
+    assert SERVER.daemon.pid == daemon  # the same daemon throughout: nothing was cleared by a restart
+    assert _nothing_on_the_daemon()
 
 
 def test_a_dead_daemon_is_replaced(image):
@@ -146,9 +156,9 @@ def test_the_daemon_dies_with_its_process(image):
             return True
 
     wait_until(gone, 30, "the daemon's exit")
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 64k", str(image)], check=True, capture_output=True)
+    _writable(image)
     # no exit handler ran in the killed process: the next daemon started removes its socket directory
-    left = list(Path(_socket_dir()).glob(f"xms-images-{p.pid}-*"))
+    left = list(Path(transport.socket_dir(_ROOM)).glob(f"xms-images-{p.pid}-*"))
     assert left
     SERVER.stop()
     transport.close(transport.connect(str(image), "image", "qcow2", bitmap="b"))
@@ -173,6 +183,37 @@ def test_a_handle_dropped_without_close_gives_its_image_back(image):
     h = transport.connect(str(image), "image", "qcow2", bitmap="b")
     assert _on_daemon("query-block-exports") != []
     del h
-    wait_until(lambda: _on_daemon("query-block-exports") == [] and _ours(_on_daemon("query-named-block-nodes")) == [],
-               30, "the export's removal")
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 64k", str(image)], check=True, capture_output=True)
+    wait_until(_nothing_on_the_daemon, 30, "the export's removal")
+    _writable(image)
+
+
+def test_a_daemon_whose_socket_went_is_replaced(image):
+    """Its socket directory removed under it (a /tmp cleaner): that sync fails as retryable, the
+    next one gets a new daemon."""
+    transport.close(transport.connect(str(image), "image", "qcow2", bitmap="b"))
+    first = SERVER.daemon.pid
+    shutil.rmtree(SERVER.daemon.dir)
+    with pytest.raises(TransientIOError):
+        transport.connect(str(image), "image", "qcow2", bitmap="b")
+    h = transport.connect(str(image), "image", "qcow2", bitmap="b")
+    try:
+        assert SERVER.daemon.pid != first and len(list(transport.dirty_extents(h, "b", SIZE))) == len(CHANGED)
+    finally:
+        transport.close(h)
+    _writable(image)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="attaches a loop device (root only)")
+def test_a_qcow2_on_a_block_device(image):
+    """A qcow2 on a block device (an LV, here a read-only loop device) is opened as one."""
+    os.truncate(image, -(-image.stat().st_size // MiB) * MiB)  # a loop device ends at a whole sector
+    dev = subprocess.run(["losetup", "-f", "--show", "-r", str(image)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        h = transport.connect(dev, "image", "qcow2", bitmap="b")
+        try:
+            assert [(e.start, e.length) for e in transport.dirty_extents(h, "b", SIZE)] == CHANGED
+        finally:
+            transport.close(h)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)

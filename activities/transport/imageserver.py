@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import weakref
@@ -39,14 +40,18 @@ from xms.errors import SourceUnreadable, TransientIOError
 QSD = shutil.which("qemu-storage-daemon") or "qemu-storage-daemon"
 QMP_TIMEOUT_S = 30.0  # a daemon that does not answer within this is stopped and started anew
 _QMP_FD, _NBD_FD = 3, 4
+_ROOM = 47  # "/xms-images-<pid>-XXXXXXXX/nbd" in a socket path
 
 
 class _Daemon:
     """One running qemu-storage-daemon and its QMP connection (used under ImageServer.lock)."""
 
     def __init__(self) -> None:
+        if not shutil.which(QSD):
+            raise SourceUnreadable("qemu-storage-daemon is not installed (make setup installs it)")
         _sweep()
-        self.dir = tempfile.mkdtemp(prefix=f"xms-images-{os.getpid()}-", dir=_socket_dir())
+        self.dir = tempfile.mkdtemp(prefix=f"xms-images-{os.getpid()}-", dir=transport.socket_dir(_ROOM))
+        self.qmp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.nbd_path = os.path.join(self.dir, "nbd")
         qmp_path = os.path.join(self.dir, "qmp")
         listeners = []
@@ -56,7 +61,6 @@ class _Daemon:
                 listeners.append(s)
                 s.bind(path)
                 s.listen(backlog)
-            self.qmp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.qmp.connect(qmp_path)  # queued until the daemon accepts: its one monitor client
             os.unlink(qmp_path)  # nobody else may ever reach the monitor
             self.qmp.settimeout(QMP_TIMEOUT_S)
@@ -64,14 +68,16 @@ class _Daemon:
                    "--chardev", f"socket,id=qmp,fd={_QMP_FD},server=on,wait=off", "--monitor", "chardev=qmp",
                    "--nbd-server", f"addr.type=fd,addr.str={_NBD_FD}"]
             # the listeners' own numbers may be 3 or 4: hand over copies numbered above both
-            high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 10) for s in listeners]
+            high: list[int] = []
             try:
+                high += [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 10) for s in listeners]
                 self.exited = threading.Event()
                 self.pid = _spawn(cmd, [(high[0], _QMP_FD), (high[1], _NBD_FD)], self.exited)
             finally:
                 for fd in high:
                     os.close(fd)
         except BaseException:
+            self.qmp.close()
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
         finally:
@@ -132,10 +138,11 @@ class _Daemon:
         """Kill the daemon (it holds nothing that needs flushing: every node is read-only)."""
         if not self.stopped:
             self.stopped = True
-            try:
-                os.kill(self.pid, 9)
-            except ProcessLookupError:
-                pass
+            if not self.exited.is_set():  # once reaped, the pid may be another process's
+                try:
+                    os.kill(self.pid, 9)
+                except ProcessLookupError:
+                    pass
             self.qmp.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -144,14 +151,9 @@ class QmpError(Exception):
     pass
 
 
-def _socket_dir() -> str:
-    base = tempfile.gettempdir()
-    return base if len(base) <= 60 else "/tmp"  # unix socket paths are limited to 108 bytes
-
-
 def _sweep() -> None:
     """Remove the socket directories of processes that are gone (killed: no exit handler ran)."""
-    base = _socket_dir()
+    base = transport.socket_dir(_ROOM)
     for entry in os.listdir(base):
         m = re.fullmatch(r"xms-images-(\d+)-\w+", entry)
         if not m or int(m.group(1)) == os.getpid():
@@ -206,12 +208,16 @@ class ImageServer:
         if self.daemon is None or not self.daemon.alive:
             if self.daemon is not None:
                 self.daemon.stop()  # its directory
-            self.daemon = _Daemon()
+            self.daemon = None
+            try:
+                self.daemon = _Daemon()
+            except OSError as e:  # no socket directory or sockets here
+                raise TransientIOError(f"cannot start the worker's qemu-storage-daemon: {e}") from None
         return self.daemon
 
     def connect(self, h: nbd.NBD, path: str, fmt: str, bitmap: str) -> None:
         """Export ``path`` with ``bitmap`` and connect ``h`` (meta contexts already added) to it.
-        The export lives until release(h)."""
+        The export lives until release(h), or until ``h`` is dropped."""
         name = f"xms-{next(self.names)}"
         with self.lock:
             d = self._running()
@@ -222,34 +228,41 @@ class ImageServer:
             except QmpError as e:
                 self._remove_node(d, name)
                 raise SourceUnreadable(f"cannot open {path}: {e}") from None
-            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, transport.SERVER_SNDBUF)
-                client.connect(d.nbd_path)
-                h.set_export_name(name)
-                h.connect_socket(client.detach())
-            except (OSError, nbd.Error) as e:
-                client.close()  # if libnbd did not take it
-                self._remove(d, name)
-                raise SourceUnreadable(f"cannot open {path}: {getattr(e, 'string', None) or e}") from None
-        transport.grow_server_send_buffer(h)
-        h.set_pread_initialize(False)  # as for a private qemu-nbd (see nbd._start)
-        # removed by transport.close(h) (release), or when the handle is dropped without it
         h._xms_export = weakref.finalize(h, self._release_later, d, name)
         h._xms_export.atexit = False  # at exit the daemon dies with the process
+        h._xms_peer_pid = d.pid  # whose socket serves h (transport.server_socket)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:  # outside the lock: a daemon that hangs in a handshake holds up this sync only
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, transport.SERVER_SNDBUF)
+            client.connect(d.nbd_path)
+            h.set_export_name(name)
+            h.connect_socket(client.detach())
+        except (OSError, nbd.Error) as e:
+            client.close()  # if libnbd did not take it
+            self.release(h)
+            if isinstance(e, OSError) or not d.alive:  # its socket is gone or it died: start afresh next time
+                with self.lock:
+                    d.stop()
+                raise TransientIOError(f"the worker's qemu-storage-daemon failed: {e}") from None
+            raise SourceUnreadable(f"cannot open {path}: {e.string or e}") from None
+        transport.grow_server_send_buffer(h)
+        h.set_pread_initialize(False)  # as for a private qemu-nbd (see nbd._start)
 
     def _add_node(self, d: _Daemon, name: str, path: str, fmt: str) -> None:
         """A read-only node of the image (through io_uring unless this kernel refused it once)."""
         while True:
             aio = "threads" if self.io_uring is False else "io_uring"
             try:
+                proto = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
                 d.command("blockdev-add", {"driver": fmt, "node-name": name, "read-only": True,
-                                           "file": {"driver": "file", "filename": path, "aio": aio}})
+                                           "file": {"driver": proto, "filename": path, "aio": aio}})
                 if aio == "io_uring":
                     self.io_uring = True
                 return
+            except OSError as e:
+                raise SourceUnreadable(f"cannot open {path}: {e.strerror}") from None
             except QmpError as e:
-                if aio == "io_uring" and self.io_uring is None and "io_uring" in str(e).lower():
+                if aio == "io_uring" and self.io_uring is None and "Unable to use io_uring" in str(e):
                     self.io_uring = False  # then once more through the thread pool
                     continue
                 raise SourceUnreadable(f"cannot open {path}: {e}") from None

@@ -185,10 +185,8 @@ def _start(h: nbd.NBD, argv: list[str], location: str, writable: bool) -> None:
     shake hands. Its reads skip libnbd's zeroing of each buffer (pread_initialize): that guards
     against servers whose replies leave part of a buffer unwritten, not this qemu-nbd, and costs a
     memset per request (a quarter of a small copy's time in aio_pread)."""
-    # mode 0700: only we can connect while it exists; /tmp when TMPDIR is too long for a socket
-    # path (108 bytes with the name below)
-    base = tempfile.gettempdir()
-    d = tempfile.mkdtemp(prefix="xms-nbd-", dir=base if len(base) <= 80 else "/tmp")
+    # mode 0700: only we can connect while it exists
+    d = tempfile.mkdtemp(prefix="xms-nbd-", dir=socket_dir(27))
     path = os.path.join(d, "sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -221,6 +219,13 @@ def _start(h: nbd.NBD, argv: list[str], location: str, writable: bool) -> None:
     grow_server_send_buffer(h)
 
 
+def socket_dir(room: int) -> str:
+    """Where to make a directory of unix sockets whose own name and socket take ``room`` bytes of
+    the path: TMPDIR, or /tmp when TMPDIR is too long for a socket path (108 bytes)."""
+    base = tempfile.gettempdir()
+    return base if len(base) + room <= 107 else "/tmp"
+
+
 def grow_server_send_buffer(h: nbd.NBD) -> None:
     """Give the server's end of ``h``'s unix socket a send buffer of SERVER_SNDBUF. That socket is
     made by the kernel when the server accepts (it does not inherit the listener's options) and
@@ -247,8 +252,10 @@ def server_socket(h: nbd.NBD) -> socket.socket | None:
         if mine.family != socket.AF_UNIX:
             return None
         try:
-            # a private qemu-nbd's listener was made here, so the peer credentials name this process
-            pid = server_pid(h) or struct.unpack("3i", mine.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            # our own servers' listeners were made here, so their peer credentials may name this
+            # process: their pids are known; any other server is named by them
+            pid = (server_pid(h) or getattr(h, "_xms_peer_pid", None)
+                   or struct.unpack("3i", mine.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0])
             peer = _unix_peer(os.fstat(mine.fileno()).st_ino)
             if not pid or peer is None:
                 return None
@@ -261,7 +268,13 @@ def server_socket(h: nbd.NBD) -> socket.socket | None:
                 got = _libc().syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
             finally:
                 os.close(pidfd)
-            return socket.socket(fileno=got) if got >= 0 else None
+            if got < 0:
+                return None
+            theirs = socket.socket(fileno=got)
+            if os.fstat(got).st_ino != peer:  # the fd number was reused meanwhile
+                theirs.close()
+                return None
+            return theirs
         except (OSError, AttributeError, struct.error):  # no /proc, no pidfd_open, not permitted
             return None
 

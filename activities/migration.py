@@ -292,7 +292,7 @@ class MigrationActivities:
                     beat(offset=disk.virtual_size, stage="verify" if inp.verify else "copy")
                     sums = None
                     if inp.verify:  # reads the whole disk: not through the image server's one main loop
-                        whole = view.connect(private=True) if view.kind == "image" and view.bitmap else src
+                        whole = view.connect(private=True) if transport.on_image_server(src) else src
                         try:
                             sums = self._checksums(whole, target, disk.virtual_size, beat)
                         finally:

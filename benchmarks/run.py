@@ -117,9 +117,10 @@ def settle(*warm: Path) -> None:
     XMS_BENCH_KEEP_CACHES=1) an empty page cache with only the stage's sources read into it. A
     page cache filled by earlier stages makes every new page cost a reclaim: the same tools
     measured 30-50 % slower in that state. The stages that settle once then run one untimed copy
-    before their timed ones: the first copy after this writes into memory the hypervisor has taken back (free page
-    reporting) and ran up to 2x slower, whichever tool went first (nbdcopy --flush 213 MiB/s
-    first, 396-449 after), so the tool measured first was measured on a slower machine."""
+    before their timed ones: the first copy after this writes into memory the hypervisor has
+    taken back (free page reporting) and ran up to 2x slower, whichever tool went first (nbdcopy
+    --flush 213 MiB/s first, 396-449 after), so the tool measured first was measured on a slower
+    machine."""
     os.sync()
     if os.geteuid() == 0 and os.environ.get("XMS_BENCH_KEEP_CACHES") != "1":
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -340,12 +341,12 @@ def incremental(work: Path, runs: int) -> dict:
     settle(q)
     full_s = []
     with tracker.freeze(0):
-        for i in range(runs + 1):
+        for i in range(runs + 1):  # the first one an untimed warm-up (see settle)
             fresh_target(dst, 4 * GiB)
             os.sync()
-            full_s.append(json.loads(timed(engine)["stdout"])["elapsed_s"])
-            print(f"  full copy        {full_s[-1]:.3f} s{' (untimed warm-up, see settle)' if i == 0 else ''}", flush=True)
-    full_s = full_s[1:]
+            elapsed = json.loads(timed(engine)["stdout"])["elapsed_s"]
+            full_s += [elapsed] if i else []
+            print(f"  full copy        {elapsed:.3f} s{'' if i else ' (untimed warm-up)'}", flush=True)
     cmds = [x for pattern, off in delta_blocks() for x in ("-c", f"write -P {pattern} {off} 64k")]
     for i in range(0, len(cmds), 400):
         subprocess.run(["qemu-io", "-f", "qcow2", *cmds[i:i + 400], str(q)], check=True, capture_output=True)

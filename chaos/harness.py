@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from activities.transport.nbd import readlink
 from tests.conftest import (
     Stack,
     raw_sha256,
@@ -502,7 +503,8 @@ class Harness:
 # --------------------------------------------------------------------------- processes
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(comm, session, parent) of a live process; None if gone or a zombie."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -511,7 +513,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     fields = raw[raw.rindex(")") + 2:].split()
     if fields[0] == "Z":
         return None  # a zombie holds nothing; its parent reaps it
-    return comm, int(fields[3])  # state ppid pgrp session
+    return comm, int(fields[3]), int(fields[1])  # state ppid pgrp session
 
 
 def _cmdline(pid: int) -> str:
@@ -548,29 +550,14 @@ def idle_image_server(pid: int, worker: int | None) -> bool:
     qemu-storage-daemon that lives as long as the worker) holding no image: between syncs it has
     no file open beyond the worker's stdio, only sockets, eventfds and io_uring."""
     st = _proc_stat(pid)
-    if worker is None or not st or not st[0].startswith("qemu-storage-d") or _ppid(pid) != worker:
+    if worker is None or not st or not st[0].startswith("qemu-storage-d") or st[2] != worker:
         return False
     try:
         fds = [fd for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) > 2]
     except OSError:
         return False
-    links = [_readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]  # one closed meanwhile reads as ""
+    links = [readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]  # one closed meanwhile reads as ""
     return not any(link.startswith("/") and not link.startswith("/dev/") for link in links)
-
-
-def _readlink(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(raw[raw.rindex(")") + 2:].split()[1])
 
 
 def describe_process(pid: int) -> str:

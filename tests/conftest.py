@@ -53,9 +53,9 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_unconfigure(config):
     # sdk-python #300: a process that ran a Temporal client and worker can abort at interpreter
     # exit after success; leave with pytest's own status instead.
-    images = sys.modules.get("activities.transport.imageserver")
-    if images is not None:  # tests that read through this process's image server: its socket directory
-        images.SERVER.stop()
+    from activities.transport import stop_image_server
+
+    stop_image_server()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status)

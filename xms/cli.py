@@ -537,9 +537,9 @@ def main() -> None:
         code = e.exit_code
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    images = sys.modules.get("activities.transport.imageserver")
-    if images is not None:  # a worker's: its socket directory (os._exit runs no exit handler)
-        images.SERVER.stop()
+    from activities.transport import stop_image_server
+
+    stop_image_server()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -64,9 +64,9 @@ class _Daemon:
             self.qmp.connect(qmp_path)  # queued until the daemon accepts: its one monitor client
             os.unlink(qmp_path)  # nobody else may ever reach the monitor
             self.qmp.settimeout(QMP_TIMEOUT_S)
-            cmd = [*([transport.SETPRIV, "--pdeathsig", "KILL", "--"] if transport.SETPRIV else []), QSD,
-                   "--chardev", f"socket,id=qmp,fd={_QMP_FD},server=on,wait=off", "--monitor", "chardev=qmp",
-                   "--nbd-server", f"addr.type=fd,addr.str={_NBD_FD}"]
+            cmd = transport.helper_command([
+                QSD, "--chardev", f"socket,id=qmp,fd={_QMP_FD},server=on,wait=off", "--monitor", "chardev=qmp",
+                "--nbd-server", f"addr.type=fd,addr.str={_NBD_FD}"], "KILL")
             # the listeners' own numbers may be 3 or 4: hand over copies numbered above both
             high: list[int] = []
             try:
@@ -174,7 +174,7 @@ def _spawn(cmd: list[str], fds: list[tuple[int, int]], exited: threading.Event) 
 
     def run() -> None:
         try:
-            pid = os.posix_spawn(cmd[0], cmd, {**os.environ, "LC_ALL": "C"},
+            pid = os.posix_spawn(cmd[0], cmd, transport.helper_env(),
                                  file_actions=[(os.POSIX_SPAWN_DUP2, a, b) for a, b in fds])
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             started.append(e)

@@ -196,13 +196,12 @@ def _start(h: nbd.NBD, argv: list[str], location: str, writable: bool) -> None:
         client.connect(path)  # queued until qemu-nbd accepts it: its first and only client
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    die = [SETPRIV, "--pdeathsig", "TERM" if writable else "KILL", "--"] if SETPRIV else []
-    cmd = [*die, "/bin/sh", "-c", _ACTIVATE, "sh", QEMU_NBD, *argv, "--", location]
+    cmd = helper_command(["/bin/sh", "-c", _ACTIVATE, "sh", QEMU_NBD, *argv, "--", location],
+                         "TERM" if writable else "KILL")
     # dup2 onto itself would keep close-on-exec: fd 3 must come from another number
     handover = listener.dup() if listener.fileno() == _LISTEN_FD else listener
     with listener, handover:
-        # the C locale: setpriv, sh and qemu-nbd skip loading locale data (~1.5 ms a start)
-        pid = os.posix_spawn(cmd[0], cmd, {**os.environ, "LC_ALL": "C"},
+        pid = os.posix_spawn(cmd[0], cmd, helper_env(),
                              file_actions=[(os.POSIX_SPAWN_DUP2, handover.fileno(), _LISTEN_FD)])
     reap = weakref.finalize(h, _reap, pid)  # also when a handle is dropped without close()
     reap.atexit = False  # a handle still open at exit keeps qemu-nbd up: pdeathsig ends it instead
@@ -217,6 +216,16 @@ def _start(h: nbd.NBD, argv: list[str], location: str, writable: bool) -> None:
         reap()
         raise
     grow_server_send_buffer(h)
+
+
+def helper_command(argv: list[str], die: str) -> list[str]:
+    """``argv`` run so that it gets signal ``die`` when the thread that starts it dies."""
+    return [SETPRIV, "--pdeathsig", die, "--", *argv] if SETPRIV else argv
+
+
+def helper_env() -> dict[str, str]:
+    """The C locale: setpriv, sh and QEMU skip loading locale data (~1.5 ms a start)."""
+    return {**os.environ, "LC_ALL": "C"}
 
 
 def socket_dir(room: int) -> str:
@@ -260,7 +269,7 @@ def server_socket(h: nbd.NBD) -> socket.socket | None:
             if not pid or peer is None:
                 return None
             want = f"socket:[{peer}]"
-            fd = next((int(n) for n in os.listdir(f"/proc/{pid}/fd") if _readlink(f"/proc/{pid}/fd/{n}") == want), None)
+            fd = next((int(n) for n in os.listdir(f"/proc/{pid}/fd") if readlink(f"/proc/{pid}/fd/{n}") == want), None)
             if fd is None:
                 return None
             pidfd = os.pidfd_open(pid)
@@ -279,7 +288,8 @@ def server_socket(h: nbd.NBD) -> socket.socket | None:
             return None
 
 
-def _readlink(path: str) -> str:
+def readlink(path: str) -> str:
+    """Where a /proc fd link points, "" if it is gone."""
     try:
         return os.readlink(path)
     except OSError:
@@ -358,10 +368,15 @@ def close(h: nbd.NBD) -> None:
     reap = getattr(h, "_xms_reap", None)
     if reap is not None:
         reap()  # qemu-nbd exits once its client has gone
-    if hasattr(h, "_xms_export"):
+    if on_image_server(h):
         from activities.transport.imageserver import SERVER  # loaded: it made the export
 
         SERVER.release(h)  # the export and node are gone: the image is closed and unlocked
+
+
+def on_image_server(h: nbd.NBD) -> bool:
+    """Whether ``h`` reads an export of the worker's image server (one main loop for all)."""
+    return hasattr(h, "_xms_export")
 
 
 def dirty_context(bitmap: str) -> str:

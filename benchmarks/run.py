@@ -298,20 +298,25 @@ def delta_blocks() -> list[tuple[int, int]]:
             for _ in range(int(0.01 * 4 * GiB) // (64 * 1024))]
 
 
+LATER_SYNCS = 3  # per process: a sync of ~50 ms varies by +-20 % on a shared host; 3 x ``runs`` samples
+
+
 def sync_runs(argv: list[str], runs: int) -> tuple[list[float], list[float], dict]:
-    """An incremental sync ``runs`` times, each in a process that syncs twice: its first sync
-    pays what a fresh process pays (buffer pool, cold code); the second runs as a worker's later
-    syncs do, in a process that has copied before. (first-sync times, later-sync times, the last
-    later sync's statistics)"""
+    """An incremental sync ``runs`` times, each in a process that syncs 1 + LATER_SYNCS times: its
+    first sync pays what a fresh process pays (buffer pool, cold code); the later ones run as a
+    worker's later syncs do, in a process that has copied before. (first-sync times, later-sync
+    times, the last later sync's statistics)"""
     fresh_s, warm_s = [], []
     for _ in range(runs):
         os.sync()
-        r = timed([*argv, "--repeat", "2"])
-        first, st = (json.loads(line) for line in r["stdout"].splitlines())
+        r = timed([*argv, "--repeat", str(1 + LATER_SYNCS)])
+        first, *later = (json.loads(line) for line in r["stdout"].splitlines())
         fresh_s.append(first["elapsed_s"])
-        warm_s.append(st["elapsed_s"])
-        print(f"  incremental      {warm_s[-1]:.3f} s (fresh process {fresh_s[-1]:.3f} s)  "
-              f"{ {k: round(v, 4) for k, v in st['phases_s'].items()} }", flush=True)
+        warm_s += [x["elapsed_s"] for x in later]
+        st = later[-1]
+        times = " ".join(f"{x['elapsed_s']:.3f}" for x in later)
+        print(f"  incremental      {times} s (fresh process "
+              f"{fresh_s[-1]:.3f} s)  { {k: round(v, 4) for k, v in st['phases_s'].items()} }", flush=True)
     return fresh_s, warm_s, st
 
 

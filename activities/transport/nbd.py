@@ -356,11 +356,14 @@ def probe(source: str) -> SourceInfo:
 
 def close(h: nbd.NBD) -> None:
     """Disconnect now, and for a private qemu-nbd wait until it has exited (and released the
-    image's lock). nbd.py closes the handle only through __del__, so do what it does, once."""
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
+    image's lock). nbd.py closes the handle only through __del__, so do what it does, once. An
+    image server's export is removed with its connections (hard): its handle just closes, without
+    the disconnect round trip."""
+    if not on_image_server(h):
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
     o = getattr(h, "_o", None)
     if o is not None:
         del h._o

@@ -92,6 +92,7 @@ class Nbdkit:
     params: list[str] = field(default_factory=list)
     log: Path | None = None
     proc: subprocess.Popen | None = None
+    plugin: list[str] = field(default_factory=list)  # another plugin and its parameters, instead of file=
 
     @property
     def uri(self) -> str:
@@ -100,7 +101,7 @@ class Nbdkit:
     def start(self, timeout: float = 60) -> Nbdkit:
         self.sock.unlink(missing_ok=True)
         argv = ["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock),
-                *(f"--filter={f}" for f in self.filters), "file", f"file={self.file}", *self.params]
+                *(f"--filter={f}" for f in self.filters), *(self.plugin or ["file", f"file={self.file}"]), *self.params]
         log = open(self.log or os.devnull, "ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()

@@ -282,6 +282,25 @@ def test_dirty_runs_match_a_per_block_model(windows):
     assert got == [tuple(w) for w in want]
 
 
+def test_a_plan_holds_over_short_block_status_replies(tmp_path, monkeypatch):
+    """A server may answer block status for less than was asked: nbdkit's eval plugin here answers
+    one extent of at most 1 MiB per request (holes and data by turns) while 8 windows of 4 MiB are
+    in flight. The plan still covers the disk once, in order, each MiB as what it is."""
+    extents = ('m=$(( $4 / 1048576 )); n=$(( (m + 1) * 1048576 - $4 )); [ $n -gt $3 ] && n=$3; '
+               'if [ $(( m % 2 )) -eq 0 ]; then echo "$4 $n hole,zero"; else echo "$4 $n"; fi')
+    srv = Nbdkit(tmp_path / "none", tmp_path / "eval.sock", plugin=[
+        "eval", "get_size=echo 48M", "pread=exit 5", f"extents={extents}"]).start()
+    monkeypatch.setattr(transport, "BLOCK_STATUS_WINDOW", 4 * MiB)
+    try:
+        with transport.handle(srv.uri, "nbd") as h:
+            got = list(transport.extents(h, 0, 48 * MiB))
+            tail = list(transport.extents(h, 5 * MiB + 4096, 7 * MiB))
+    finally:
+        srv.stop()
+    assert [(e.start, e.length, e.zero) for e in got] == [(i * MiB, MiB, i % 2 == 0) for i in range(48)]
+    assert [(e.start, e.length, e.zero) for e in tail] == [(5 * MiB + 4096, MiB - 4096, False), (6 * MiB, MiB, True)]
+
+
 @pytest.mark.parametrize("server", ["private qemu-nbd", "image server", "NBD URI on a unix socket"])
 def test_the_server_sends_with_a_larger_socket_buffer(tmp_path, server):
     """The socket the server replies on gets a send buffer above the kernel's default (neither

@@ -203,6 +203,25 @@ def test_a_daemon_whose_socket_went_is_replaced(image):
     _writable(image)
 
 
+def test_plans_over_many_block_status_windows_in_flight(image, monkeypatch):
+    """Block status asked for 32 windows ahead of the one being read (2 MiB windows, up to
+    STATUS_AHEAD in flight) gives the plans one request for the whole disk gives: the dirty runs
+    and the allocation extents, each range once and in order."""
+    h = transport.connect(str(image), "image", "qcow2", bitmap="b")
+    try:
+        whole = list(transport.extents(h, 0, SIZE))
+        assert [(e.start, e.length) for e in transport.dirty_extents(h, "b", SIZE)] == CHANGED
+        monkeypatch.setattr(transport, "BLOCK_STATUS_WINDOW", 2 * MiB)
+        assert [(e.start, e.length) for e in transport.dirty_extents(h, "b", SIZE)] == CHANGED
+        assert list(transport.extents(h, 0, SIZE)) == whole
+        assert list(transport.extents(h, 3 * MiB, 41 * MiB)) == [
+            transport.Extent(3 * MiB, 29 * MiB, False), transport.Extent(32 * MiB, 8 * MiB + 128 * 1024, True),
+            transport.Extent(40 * MiB + 128 * 1024, 64 * 1024, False),
+            transport.Extent(40 * MiB + 192 * 1024, 41 * MiB - (40 * MiB + 192 * 1024), True)]
+    finally:
+        transport.close(h)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="attaches a loop device (root only)")
 def test_a_qcow2_on_a_block_device(image):
     """A qcow2 on a block device (an LV, here a read-only loop device) is opened as one."""

@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import weakref
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ _LISTEN_FD = 3  # SD_LISTEN_FDS_START
 SERVER_SNDBUF = 4 << 20
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture (Linux >= 5.6)
 BLOCK_STATUS_WINDOW = 1 << 30  # servers may refuse >= 4 GiB; qemu caps at 1 GiB anyway
+STATUS_AHEAD = 8  # block status requests in flight while a plan is read (_windows_of)
 # read-only private qemu-nbd: io_uring where the kernel allows it (scattered reads of an incremental
 # sync: ~30 % faster than the thread pool, benchmarks/); None until the first start has shown it works
 _IO_URING: bool | None = None
@@ -402,6 +404,52 @@ def _status(h: nbd.NBD, offset: int, length: int) -> dict[str, list[int]]:
     return got
 
 
+def _windows_of(h: nbd.NBD, start: int, end: int,
+                contexts: tuple[str, ...]) -> Iterator[tuple[int, int, dict[str, list[int]]]]:
+    """Block status of [start, end) window by window, in order: (offset, stop, entries per
+    context), each reply covering [offset, stop) in every context. STATUS_AHEAD windows are asked
+    for at once, so the server answers the next ones while this thread works on the first: one
+    round trip for a 4 GiB disk, not four (the plan of the benchmark's incremental sync: 3.7 ->
+    2.8 ms). A reply that covers less than its window is completed before the next window's."""
+    issued: deque[tuple[int, int, dict[str, list[int]], int]] = deque()
+    nxt = start
+
+    def issue() -> None:
+        nonlocal nxt
+        while nxt < end and len(issued) < STATUS_AHEAD:
+            n = min(BLOCK_STATUS_WINDOW, end - nxt)
+            got: dict[str, list[int]] = {}
+
+            def cb(ctx: str, off: int, entries: list[int], err: object, got=got) -> int:
+                got.setdefault(ctx, []).extend(entries)
+                return 0
+
+            try:
+                issued.append((nxt, nxt + n, got, h.aio_block_status(n, nxt, cb)))
+            except nbd.Error as e:
+                raise TransientIOError(f"block status at {nxt}: {e.string or e}") from None
+            nxt += n
+
+    issue()
+    while issued:
+        offset, window_end, got, cookie = issued.popleft()
+        try:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+        except nbd.Error as e:
+            raise TransientIOError(f"block status at {offset}: {e.string or e}") from None
+        issue()
+        while True:
+            lists = [got.get(c) for c in contexts]
+            if not all(lists):
+                raise TransientIOError(f"block status at {offset}: server returned no extents")
+            stop = min(window_end, *(offset + sum(x[0::2]) for x in lists))
+            yield offset, stop, got
+            if stop >= window_end:
+                break
+            offset, got = stop, _status(h, stop, window_end - stop)  # a short reply: the rest of its window
+
+
 def dirty_extents(h: nbd.NBD, bitmap: str, end: int) -> Iterator[Extent]:
     """The regions dirty in ``bitmap``, each marked zero where base:allocation says it reads as
     zeroes (so it is written as zeroes, not read). Clean regions are left out."""
@@ -414,15 +462,8 @@ def dirty_extents(h: nbd.NBD, bitmap: str, end: int) -> Iterator[Extent]:
 
 def _windows(h: nbd.NBD, ctx: str, end: int) -> Iterator[tuple[int, int, list[int], list[int]]]:
     """(start, stop, dirty entries, allocation entries) of each block status window up to ``end``."""
-    offset = 0
-    while offset < end:
-        got = _status(h, offset, min(BLOCK_STATUS_WINDOW, end - offset))
-        dirty, alloc = got.get(ctx), got.get("base:allocation")
-        if not dirty or not alloc:
-            raise TransientIOError(f"block status at {offset}: server returned no extents")
-        stop = min(end, offset + sum(dirty[0::2]), offset + sum(alloc[0::2]))
-        yield offset, stop, dirty, alloc
-        offset = stop
+    for offset, stop, got in _windows_of(h, 0, end, (ctx, "base:allocation")):
+        yield offset, stop, got[ctx], got["base:allocation"]
 
 
 def dirty_runs(windows: Iterable[tuple[int, int, list[int], list[int]]]) -> Iterator[Extent]:
@@ -466,13 +507,10 @@ def extents(h: nbd.NBD, start: int, end: int) -> Iterator[Extent]:
 
 
 def _allocation(h: nbd.NBD, start: int, end: int) -> Iterator[Extent]:
-    offset = start
-    while offset < end:
-        got = _status(h, offset, min(BLOCK_STATUS_WINDOW, end - offset)).get("base:allocation")
-        if not got:
-            raise TransientIOError(f"block status at {offset}: server returned no extents")
-        for length, flags in zip(got[0::2], got[1::2]):
-            length = min(length, end - offset)
+    for offset, stop, got in _windows_of(h, start, end, ("base:allocation",)):
+        alloc = got["base:allocation"]
+        for length, flags in zip(alloc[0::2], alloc[1::2]):
+            length = min(length, stop - offset)
             if length <= 0:
                 break
             yield Extent(offset, length, bool(flags & STATE_ZERO))

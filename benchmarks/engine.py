@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qos-bps", type=int, default=0)
     p.add_argument("--depth", type=int, default=copyengine.DEPTH)
     p.add_argument("--threads", type=int, default=copyengine.THREADS, help="threads driving the connections")
-    p.add_argument("--request-kib", type=int, default=copyengine.REQUEST // 1024, help="copy request size")
+    p.add_argument("--request-kib", type=int, default=0, help="copy request size (default: as xms chooses for the target)")
     p.add_argument("--nbd-flush-mib", type=int, default=copyengine.NBD_FLUSH_EVERY >> 20,
                    help="NBD target: a background flush every N MiB written per connection (0: only the final flush)")
     p.add_argument("--file-writeback-mib", type=int, default=copyengine.FILE_WRITEBACK_EVERY >> 20,
@@ -65,7 +65,7 @@ def run(a: argparse.Namespace) -> dict:
     t_more = time.monotonic()
     stats = copyengine.copy(src, plan, writer, more=more, fresh=not a.bitmap, depth=a.depth,
                             throttle=copyengine.Throttle(a.qos_bps), threads=a.threads,
-                            request=a.request_kib * 1024)
+                            request=a.request_kib * 1024 or None)
     for h, w in [(src, writer), *more]:
         w.close()
         transport.close(h)

@@ -343,6 +343,34 @@ def test_the_server_sends_with_a_larger_socket_buffer(tmp_path, server):
             proc.wait()
 
 
+def test_an_nbd_target_gets_our_larger_send_buffer_and_256k_writes(tmp_path, source):
+    """Writing to an NBD target on a unix socket: our end of the socket sends with a buffer above
+    the kernel's default, the writes the server logs are REQUEST_NBD (256 KiB) at most and some
+    are that long, and the target hashes like the source."""
+    import socket
+
+    with open("/proc/sys/net/core/wmem_default") as f:
+        default = int(f.read())
+    target = tmp_path / "dst.img"
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    srv = Nbdkit(target, tmp_path / "dst.sock", filters=["log"], params=[f"logfile={tmp_path / 'log'}"]).start()
+    try:
+        w = copyengine.NbdWriter(srv.uri)
+        try:
+            with socket.socket(fileno=os.dup(w.h.aio_get_fd())) as mine:
+                assert mine.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > default
+            _copy(source, w, more=[], threads=1)
+        finally:
+            w.close()
+    finally:
+        srv.stop()
+    log = (tmp_path / "log").read_text()
+    counts = [int(n, 16) for n in re.findall(r" Write id=\d+ offset=0x[0-9a-f]+ count=0x([0-9a-f]+)", log)]
+    assert counts and max(counts) == copyengine.REQUEST_NBD == 256 * 1024
+    assert sha256_file(target) == sha256_file(source)
+
+
 def test_a_long_tmpdir_does_not_stop_a_private_qemu_nbd(tmp_path, monkeypatch):
     """The private qemu-nbd's socket is made in TMPDIR; one too long for a unix socket path (108
     bytes) falls back to /tmp instead of failing the source."""

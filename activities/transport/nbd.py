@@ -252,6 +252,20 @@ def grow_server_send_buffer(h: nbd.NBD) -> None:
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
 
 
+def grow_own_send_buffer(h: nbd.NBD) -> None:
+    """Give our end of ``h``'s unix socket a send buffer of SERVER_SNDBUF, as a private qemu-nbd's
+    client socket has: writes to an NBD target then go out whole, not in 208 KiB pieces each
+    waiting for the server to read the last (NBD to NBD full copy 554-567 -> 604-616 MiB/s,
+    benchmarks/). Not over TCP, whose buffers tune themselves."""
+    try:
+        mine = socket.socket(fileno=os.dup(h.aio_get_fd()))
+    except (OSError, nbd.Error):
+        return
+    with mine:
+        if mine.family == socket.AF_UNIX:
+            mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SNDBUF)
+
+
 def server_socket(h: nbd.NBD) -> socket.socket | None:
     """A copy (pidfd_getfd) of the socket the server of ``h`` (on a unix socket) replies on, or
     None if it cannot be had."""

@@ -13,6 +13,7 @@ ends a copy waits for the tail only. Buffers come from one pool per process with
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import errno
@@ -821,3 +822,96 @@ def checksum(
         if _idle([h]):
             _POOL.put(bufs)
     return out.hexdigest()
+
+
+def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The ranges of [start, end) a file holds data in (SEEK_DATA/SEEK_HOLE; all of it where the
+    file system cannot tell, as on a block device)."""
+    out, pos = [], start
+    while pos < end:
+        try:
+            a = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data from pos on
+                break
+            return [(start, end)]
+        if a >= end:
+            break
+        b = min(end, os.lseek(fd, a, os.SEEK_HOLE))
+        out.append((a, b))
+        pos = b
+    return out
+
+
+def checksum_file(path: str, length: int, on_progress: Callable[[int], None] = lambda done: None,
+                  progress_every: int = 64) -> str:
+    """checksum() of a raw file or block device on this host, read directly instead of through an
+    NBD server: the same digest at half the CPU (a 1 GiB disk with 512 MiB of data: 0.46-0.58
+    CPU-s against 1.0-1.15 through a private qemu-nbd, as fast cached or not, benchmarks/):
+    qemu-nbd's own read and the socket's two copies are gone. Only data is read: holes
+    (SEEK_DATA/SEEK_HOLE) are zeroes filled in here, and the kernel's readahead is off (it ran on
+    into the holes, and every page it read there had to be zeroed: with 8 migrations verifying at
+    once that was 19 % of the host's CPU); instead the next chunk's data is asked for
+    (WILLNEED) while this one is hashed."""
+    zero_digest = hashlib.sha256(ZEROES).digest()
+    out = hashlib.sha256()
+    buf = _POOL.get(CHUNK, must=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            data = _data_ranges(fd, 0, length)
+            ends = [y for _, y in data]
+            view = memoryview(buf.data)
+            chunks = -(-length // CHUNK)
+
+            def pieces(i: int) -> list[tuple[int, int]]:
+                """The data in chunk i, as ranges."""
+                a, b = i * CHUNK, min(length, (i + 1) * CHUNK)
+                got, j = [], bisect.bisect_right(ends, a)  # the first range that ends after a
+                while j < len(data) and data[j][0] < b:
+                    got.append((max(a, data[j][0]), min(b, data[j][1])))
+                    j += 1
+                return got
+
+            nxt = pieces(0)
+            for i in range(chunks):
+                a, b = i * CHUNK, min(length, (i + 1) * CHUNK)
+                here, nxt = nxt, pieces(i + 1) if i + 1 < chunks else []
+                for x, y in nxt:
+                    os.posix_fadvise(fd, x, y - x, os.POSIX_FADV_WILLNEED)
+                if not here and b - a == CHUNK:
+                    out.update(zero_digest)
+                else:
+                    pos = a
+                    for x, y in [*here, (b, b)]:
+                        view[pos - a:x - a] = ZEROES[: x - pos]  # a hole (or past the file's end)
+                        got = x
+                        while got < y:
+                            n = os.preadv(fd, [view[got - a:y - a]], got)
+                            if n == 0:  # the file ends early: the rest reads as zeroes
+                                break
+                            got += n
+                        pos = got
+                    out.update(hashlib.sha256(view[: b - a]).digest())
+                if i % progress_every == 0:
+                    on_progress(a)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise TransientIOError(f"checksum read of {path} failed: {e.strerror or e}") from None
+    finally:
+        _POOL.put([buf])
+    return out.hexdigest()
+
+
+def file_reads_as_zero(path: str, start: int, end: int) -> bool:
+    """True if every byte of [start, end) of the file reads as zero (holes are not read)."""
+    with open(path, "rb", buffering=0) as f:
+        for a, b in _data_ranges(f.fileno(), start, end):
+            for pos in range(a, b, CHUNK):
+                n = min(CHUNK, b - pos)
+                if os.pread(f.fileno(), n, pos) != ZEROES[:n]:
+                    return False
+    return True
+

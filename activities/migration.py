@@ -292,11 +292,14 @@ class MigrationActivities:
                     beat(offset=disk.virtual_size, stage="verify" if inp.verify else "copy")
                     sums = None
                     if inp.verify:  # reads the whole disk: not through the image server's one main loop
-                        whole = view.connect(private=True) if transport.on_image_server(src) else src
+                        if view.kind == "image" and view.fmt == "raw":
+                            whole = view.location  # a raw image on this host: read directly
+                        else:
+                            whole = view.connect(private=True) if transport.on_image_server(src) else src
                         try:
                             sums = self._checksums(whole, target, disk.virtual_size, beat)
                         finally:
-                            if whole is not src:
+                            if whole is not src and not isinstance(whole, str):
                                 transport.close(whole)
                 if sums and not sums.match:  # inside the freeze: the generation is not committed
                     raise ApplicationError(
@@ -320,14 +323,22 @@ class MigrationActivities:
         return result
 
     def _checksums(self, src, target, n: int, beat) -> Checksums:
-        """Source (through the frozen view) and target checksums, computed side by side."""
+        """Source (through the frozen view, or a raw image's path) and target checksums, computed
+        side by side. Raw files and block devices on this host are read directly (checksum_file:
+        half the CPU of reading them through a qemu-nbd); anything else through NBD."""
+        def progress(done: int) -> None:
+            beat(verified=done)
+
         with ThreadPoolExecutor(max_workers=1) as pool:
-            src_future = pool.submit(copyengine.checksum, src, n, list(transport.extents(src, 0, n)))
-            loc, kind = (target.path, "image") if target.kind == "file" else (target.uri, "nbd")
-            with transport.handle(loc, kind, "raw") as h:
-                tgt = copyengine.checksum(h, n, list(transport.extents(h, 0, n)),
-                                          on_progress=lambda done: beat(verified=done))
-                tail_zero = copyengine.reads_as_zero(h, transport.extents(h, n, target.size))
+            src_future = (pool.submit(copyengine.checksum_file, src, n) if isinstance(src, str) else
+                          pool.submit(copyengine.checksum, src, n, list(transport.extents(src, 0, n))))
+            if target.kind == "file":
+                tgt = copyengine.checksum_file(target.path, n, on_progress=progress)
+                tail_zero = copyengine.file_reads_as_zero(target.path, n, target.size)
+            else:
+                with transport.handle(target.uri, "nbd", "raw") as h:
+                    tgt = copyengine.checksum(h, n, list(transport.extents(h, 0, n)), on_progress=progress)
+                    tail_zero = copyengine.reads_as_zero(h, transport.extents(h, n, target.size))
             while True:  # keep heartbeating while a slower source finishes its checksum
                 try:
                     src_sum = src_future.result(timeout=1.0)

@@ -282,6 +282,36 @@ def test_dirty_runs_match_a_per_block_model(windows):
     assert got == [tuple(w) for w in want]
 
 
+@pytest.mark.parametrize("device", ["file", "loop device"])
+def test_a_file_read_directly_checksums_as_through_nbd(tmp_path, device):
+    """checksum_file (a raw file or block device on this host, read without an NBD server) gives
+    the digest checksum() gives through qemu-nbd: a disk of an odd size with data across a chunk
+    boundary, whole chunks of holes and data in its partial last chunk; and file_reads_as_zero
+    tells holes and zeroes from data."""
+    size = 3 * copyengine.CHUNK + 12 * 4096
+    path = make_disk(tmp_path / "odd.raw", size, [(3 * MiB, 2 * MiB), (size - 8192, 4096)], seed=808)
+    with open(path, "r+b") as f:  # a zero block written as data, not a hole
+        f.seek(9 * MiB)
+        f.write(bytes(64 * 1024))
+    with transport.handle(str(path), "image", "raw") as h:
+        want = copyengine.checksum(h, size, list(transport.extents(h, 0, size)))
+    dev = None
+    if device == "loop device":
+        if os.geteuid() != 0:
+            pytest.skip("attaches a loop device (root only)")
+        dev = subprocess.run(["losetup", "-f", "--show", "-r", str(path)], check=True, capture_output=True,
+                             text=True).stdout.strip()
+    try:
+        seen = []
+        assert copyengine.checksum_file(dev or str(path), size, on_progress=seen.append, progress_every=1) == want
+        assert seen == [0, copyengine.CHUNK, 2 * copyengine.CHUNK, 3 * copyengine.CHUNK]
+        assert copyengine.file_reads_as_zero(dev or str(path), 6 * MiB, size - 8192)
+        assert not copyengine.file_reads_as_zero(dev or str(path), 6 * MiB, size - 4096)
+    finally:
+        if dev:
+            subprocess.run(["losetup", "-d", dev], check=True)
+
+
 def test_a_plan_holds_over_short_block_status_replies(tmp_path, monkeypatch):
     """A server may answer block status for less than was asked: nbdkit's eval plugin here answers
     one extent of at most 1 MiB per request (holes and data by turns) while 8 windows of 4 MiB are

@@ -35,11 +35,9 @@ def _copy(src_path, writer, **kw) -> copyengine.CopyStats:
         return copyengine.copy(h, plan, writer, fresh=True, **kw)
 
 
-def test_background_flushes_to_an_nbd_target(tmp_path, source, monkeypatch):
-    """Every NBD_FLUSH_EVERY bytes written a connection sends a flush without waiting for it: the
-    server's log (nbdkit's log filter) shows flushes that were answered while writes still came,
-    the last command of the copy is a flush, and the target hashes like the source."""
-    monkeypatch.setattr(copyengine, "NBD_FLUSH_EVERY", 8 * MiB)
+def _copy_to_logged_nbd(tmp_path, source, before=lambda w: None):
+    """Copy ``source`` with one connection into a fresh file served by nbdkit with its log
+    filter; ``before`` sees the writer first. (target path, statistics, the server's log)"""
     target = tmp_path / "dst.img"
     with open(target, "wb") as f:
         f.truncate(SIZE)
@@ -47,13 +45,23 @@ def test_background_flushes_to_an_nbd_target(tmp_path, source, monkeypatch):
     try:
         w = copyengine.NbdWriter(srv.uri)
         try:
+            before(w)
             stats = _copy(source, w, more=[], threads=1)
         finally:
             w.close()
     finally:
         srv.stop()
+    return target, stats, (tmp_path / "log").read_text()
+
+
+def test_background_flushes_to_an_nbd_target(tmp_path, source, monkeypatch):
+    """Every NBD_FLUSH_EVERY bytes written a connection sends a flush without waiting for it: the
+    server's log (nbdkit's log filter) shows flushes that were answered while writes still came,
+    the last command of the copy is a flush, and the target hashes like the source."""
+    monkeypatch.setattr(copyengine, "NBD_FLUSH_EVERY", 8 * MiB)
+    target, stats, log = _copy_to_logged_nbd(tmp_path, source)
     assert stats.offset == stats.end == SIZE
-    commands = re.findall(r"connection=\d+ (Write|Flush) id=\d+ ", (tmp_path / "log").read_text())
+    commands = re.findall(r"connection=\d+ (Write|Flush) id=\d+ ", log)
     flushes = [i for i, c in enumerate(commands) if c == "Flush"]
     last_write = max(i for i, c in enumerate(commands) if c == "Write")
     # one flush at a time per connection, so how many depends on the disk; at least one came early
@@ -381,21 +389,14 @@ def test_an_nbd_target_gets_our_larger_send_buffer_and_256k_writes(tmp_path, sou
 
     with open("/proc/sys/net/core/wmem_default") as f:
         default = int(f.read())
-    target = tmp_path / "dst.img"
-    with open(target, "wb") as f:
-        f.truncate(SIZE)
-    srv = Nbdkit(target, tmp_path / "dst.sock", filters=["log"], params=[f"logfile={tmp_path / 'log'}"]).start()
-    try:
-        w = copyengine.NbdWriter(srv.uri)
-        try:
-            with socket.socket(fileno=os.dup(w.h.aio_get_fd())) as mine:
-                assert mine.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > default
-            _copy(source, w, more=[], threads=1)
-        finally:
-            w.close()
-    finally:
-        srv.stop()
-    log = (tmp_path / "log").read_text()
+    sndbuf = []
+
+    def ours(w: copyengine.NbdWriter) -> None:
+        with socket.socket(fileno=os.dup(w.h.aio_get_fd())) as mine:
+            sndbuf.append(mine.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+    target, _, log = _copy_to_logged_nbd(tmp_path, source, before=ours)
+    assert sndbuf[0] > default
     counts = [int(n, 16) for n in re.findall(r" Write id=\d+ offset=0x[0-9a-f]+ count=0x([0-9a-f]+)", log)]
     assert counts and max(counts) == copyengine.REQUEST_NBD == 256 * 1024
     assert sha256_file(target) == sha256_file(source)

@@ -66,6 +66,17 @@ class GuestBootFailed(XmsError):
     retryable = False
 
 
+class EmulatorFailed(XmsError):
+    """qemu on this host died before the guest ran: the libguestfs appliance failed to launch, or
+    the boot check's qemu was killed by a signal. Nothing was written to the guest's disks (the
+    appliance never came up; the boot check runs on a throw-away overlay), so the step is
+    retried. Seen here: qemu 7.2's TCG segfaulting while the appliance kernel probed PCI, once
+    in ~6 hours of tests."""
+
+    type = "EmulatorFailed"
+    retryable = True
+
+
 class GuestInspection(BaseModel):
     os_type: str | None = None          # "linux", "windows", ... ; None: no operating system found
     distro: str | None = None           # "debian", "rhel", "windows", ...
@@ -150,6 +161,13 @@ def libguestfs_env() -> dict[str, str]:
 # --------------------------------------------------------------------------- processes
 
 
+def _signal_name(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return str(n)
+
+
 def _kill_run(proc: subprocess.Popen, token: str) -> None:
     """SIGKILL the process group of ``proc`` and every process carrying ``token`` in its
     environment (libguestfs starts qemu in a process group of its own)."""
@@ -225,6 +243,9 @@ def _helper(script: str, args: list[str], *, timeout_s: float, what: str,
                 pass
     if data is None or rc != 0:
         why = (data or {}).get("error") or (text.strip().splitlines() or ["no output"])[-1]
+        launch = _launch_failure(f"{text}\n{why}")
+        if launch:
+            raise EmulatorFailed(f"{what} could not start the libguestfs appliance: {launch}")
         raise error(f"{what} failed: {why}")
     return data, secs
 
@@ -271,6 +292,20 @@ def inspect(paths: list[str], fmt: str = "raw", *, timeout_s: float = 600) -> Gu
 _STEP_RE = re.compile(r"^\[\s*(\d+\.\d)\]\s+(\S.*)$")
 
 
+def _launch_failure(text: str) -> str | None:
+    """When libguestfs could not launch its appliance: why, in one phrase (qemu's own lines if it
+    printed any, else how the appliance went away); None for any other output."""
+    if "guestfs_launch failed" not in text:
+        return None
+    lines = [ln.strip() for ln in text.splitlines()]
+    qemu = [ln for ln in lines if ln.startswith("qemu-system-") or ln.startswith("libguestfs: error:")]
+    if qemu:
+        return "; ".join(qemu[-2:])
+    if any("child process died" in ln for ln in lines):
+        return "the appliance's qemu died while it was starting"
+    return "the appliance did not start"
+
+
 def _error_line(text: str, prog: str) -> str:
     """virt-v2v's own error: the paragraph starting at the last "<prog>: error:" line (any
     "<something>: error:" line if there is none), else the last line of output."""
@@ -305,7 +340,9 @@ def convert(paths: list[str], fmt: str = "raw", *, timeout_s: float, log_path: s
     ``MODULES=most`` guest. Other guests are left alone (``initramfs_override`` stays None).
 
     Raises :class:`GuestConversionFailed` carrying virt-v2v's own "...: error: ..." line on a
-    non-zero exit, or on timeout (the process group and every process it started are killed).
+    non-zero exit, or on timeout (the process group and every process it started are killed);
+    :class:`EmulatorFailed` (retryable) when libguestfs could not launch its appliance, before
+    anything was written.
 
     Measured (TCG, 2 contended cores; scripts/guest/NOTES.md), all of it the guest's
     ``update-initramfs`` run inside the appliance except ~50 s (launch ~22 s, inspection ~14 s,
@@ -348,7 +385,7 @@ def convert(paths: list[str], fmt: str = "raw", *, timeout_s: float, log_path: s
                 _, csecs = _helper("initramfs.py", ["--format", fmt, "--clear", *paths], timeout_s=300,
                                    what="removing the initramfs MODULES override", error=GuestConversionFailed)
                 override_s += csecs
-            except GuestConversionFailed as e:
+            except (GuestConversionFailed, EmulatorFailed) as e:
                 warnings.add(f"{e} (the guest keeps MODULES={override} in "
                              "/etc/initramfs-tools/conf.d/zz-xms-convert.conf)")
     where = f" (log: {log_path})" if keep else ""
@@ -359,6 +396,9 @@ def convert(paths: list[str], fmt: str = "raw", *, timeout_s: float, log_path: s
         raise GuestConversionFailed(
             f"{prog} did not finish within {timeout_s:.0f} s and was killed; last step: {last}{where}")
     if rc != 0:
+        launch = _launch_failure(text)
+        if launch:
+            raise EmulatorFailed(f"{prog} could not start the libguestfs appliance: {launch} [exit {rc}]{where}")
         raise GuestConversionFailed(f"{_error_line(text, prog)} [exit {rc}]{where}")
     guest = None
     for st in steps:
@@ -481,6 +521,11 @@ def boot(paths: list[str], *, firmware: str = "bios", marker: str = "XMS-BOOT-OK
             if proc.poll() is not None:
                 errf.seek(0)
                 err = " ".join(errf.read().decode(errors="replace").split())[-500:]
+                if proc.returncode < 0:  # a signal: qemu crashed or was killed, the guest is not at fault
+                    raise EmulatorFailed(
+                        f"qemu died of signal {_signal_name(-proc.returncode)} after "
+                        f"{time.monotonic() - t0:.0f} s of the boot check{'; qemu: ' + err if err else ''}; "
+                        f"last serial lines: {_tail(serial_log)}")
                 raise GuestBootFailed(
                     f"qemu exited (status {proc.returncode}) after {time.monotonic() - t0:.0f} s "
                     f"without printing {marker!r}{'; qemu: ' + err if err else ''}; last serial lines: "

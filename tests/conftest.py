@@ -360,3 +360,46 @@ def qemu_storage_daemon(img: Path, workdir: Path) -> Iterator[Qsd]:
 
 
 __all__ = ["GiB", "MiB"]
+
+
+@contextmanager
+def crash_qemu(*needles: str, timeout: float = 600) -> Iterator[dict]:
+    """While the block runs, watch for a qemu-system-x86_64 whose command line and environment
+    contain every one of ``needles`` and kill it with SIGSEGV, once: the way qemu 7.2's TCG was seen to die
+    here. Yields a dict that gets ``pid`` when it struck; the watcher is stopped on exit."""
+    import threading
+
+    hit: dict = {}
+    stop = threading.Event()
+
+    def find() -> int | None:
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                if Path(f"/proc/{d}/comm").read_text().strip() != "qemu-system-x86":
+                    continue
+                blob = Path(f"/proc/{d}/cmdline").read_bytes() + Path(f"/proc/{d}/environ").read_bytes()
+            except OSError:
+                continue
+            if all(n.encode() in blob for n in needles):
+                return int(d)
+        return None
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            pid = find()
+            if pid:
+                os.kill(pid, signal.SIGSEGV)
+                hit["pid"] = pid
+                return
+            stop.wait(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        yield hit
+    finally:
+        stop.set()
+        t.join()

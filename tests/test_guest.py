@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, MiB, qemu_storage_daemon, sha256_file, start_stack
+from tests.conftest import ROOT, MiB, crash_qemu, qemu_storage_daemon, sha256_file, start_stack
 from tests.test_warm import status, wait_status
 
 pytestmark = pytest.mark.timeout(1800)
@@ -117,9 +117,16 @@ def test_warm_live_guest_cutover_retried_after_failed_conversion(gstack, images,
         assert not gstack.fail_next.exists()
         write(4)
 
-        # 2nd cutover: a fresh final delta, conversion, finalize, snapshot, first boot
-        r = gstack.cli("cutover", name, "--json", timeout=1700)
+        # 2nd cutover: a fresh final delta, conversion, finalize, snapshot, first boot. The first
+        # conversion's appliance qemu is killed with SIGSEGV as it starts (as qemu's TCG once
+        # crashed here): the activity is retried on fresh overlays and the cutover still succeeds.
+        with crash_qemu(f"XMS_DATA_DIR={gstack.data_dir}", "guestfs_identifier=v2v") as hit:
+            r = gstack.cli("cutover", name, "--json", timeout=1700)
         assert r.returncode == 0, r.stderr + r.stdout
+        assert hit.get("pid"), "the conversion's appliance never appeared"
+        worker_log = gstack.logs[-1].read_text(errors="replace")
+        assert '"error_type": "EmulatorFailed"' in worker_log
+        assert "could not start the libguestfs appliance" in worker_log
         st = wait_status(gstack, name, lambda s: s["phase"] == "Completed", "Completed", 600)
         writer.shutdown()
     assert st["disks"][0]["bytes_copied"] == full_copy  # no second full sync: generation 0 ran once

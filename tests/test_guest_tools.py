@@ -13,11 +13,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from activities import guest
+from tests.conftest import crash_qemu
+from xms.models import MiB
 from xms.errors import XmsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +149,48 @@ def test_failing_converter_raises_with_its_error_line(scratch, monkeypatch):
         "virt-v2v-in-place: error: inspection could not detect the source guest (or physical machine).")
     assert "[exit 1]" in str(err) and "Assuming" not in str(err)
     assert args_file.read_text().split() == ["-i", "disk", "-if", "raw", str(disk)]
+
+
+def test_launch_failures_are_told_apart_from_conversion_errors():
+    ci = ("[    1.075459] pci 0000:00:04.0: BAR 1 [mem 0xfebc2000-0xfebc2fff]\n"
+          "libguestfs: child_cleanup: 0x55944f95cf80: child process died\n"
+          "libguestfs: trace: v2v: launch = -1 (error)\n"
+          "virt-v2v-in-place: error: libguestfs error: guestfs_launch failed, see earlier error messages\n")
+    assert guest._launch_failure(ci) == "the appliance's qemu died while it was starting"
+    lock = ("qemu-system-x86_64: -drive file=x: Failed to get shared \"write\" lock\n"
+            "virt-v2v-in-place: error: libguestfs error: guestfs_launch failed, see earlier error messages\n")
+    assert guest._launch_failure(lock).startswith("qemu-system-x86_64: -drive file=x: Failed to get")
+    assert guest._launch_failure("virt-v2v-in-place: error: inspection could not detect the source guest\n") is None
+
+
+@pytest.mark.timeout(300)
+def test_appliance_dying_at_launch_is_a_retryable_emulator_failure(scratch, monkeypatch):
+    """qemu segfaulting while the appliance boots (seen once in CI: TCG, kernel probing PCI) is
+    the host's fault, not the guest's: EmulatorFailed, retryable, with what happened."""
+    disk = scratch / "disk.img"
+    disk.write_bytes(b"\0" * MiB)
+    log = scratch / "v2v.log"
+    needle = f"XMS_TEST_CRASH={uuid.uuid4().hex}"
+    monkeypatch.setenv(*needle.split("="))
+    # the appliance itself, not the capability probes libguestfs runs qemu for first
+    with crash_qemu(needle, "guestfs_identifier=") as hit, pytest.raises(guest.EmulatorFailed) as e:
+        guest.convert([str(disk)], timeout_s=240, log_path=str(log))
+    assert hit.get("pid"), "the appliance's qemu never appeared"
+    err = e.value
+    assert err.type == "EmulatorFailed" and err.retryable is True
+    assert str(err).startswith("virt-v2v-in-place could not start the libguestfs appliance: "), str(err)
+    assert "[exit 1]" in str(err)
+    assert "guestfs_launch failed" in log.read_text()
+
+
+@pytest.mark.timeout(300)
+def test_boot_check_qemu_killed_by_a_signal_is_a_retryable_emulator_failure(images, scratch):
+    _, data = images
+    serial = scratch / "serial.log"
+    with crash_qemu(str(serial)) as hit, pytest.raises(guest.EmulatorFailed, match="qemu died of signal SIGSEGV"):
+        guest.boot([str(data)], timeout_s=120, serial_log=str(serial), snapshot=True)
+    assert hit.get("pid")
+    assert not _alive_with(str(serial)), "qemu still running after boot() raised"
 
 
 def test_converter_timeout_kills_everything_it_started(scratch, monkeypatch):

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import mmap
 import os
 import select
 import threading
@@ -35,6 +36,7 @@ from xms.errors import TargetOutOfSpace, TransientIOError
 from xms.models import MiB, TargetEndpoint
 
 CHUNK = 4 * MiB  # checksum chunk, and the largest request (QEMU's NBD server refuses > 32 MiB)
+FILE_PIECE = 1 * MiB  # checksum_file's reads (a chunk's digest is fed piece by piece)
 REQUEST = 512 * 1024  # copy request size (benchmarks/: 512 KiB x 64 in flight beat 1 MiB x 32 and 256 KiB x 128)
 # to an NBD target, whose server reads each write before it takes the next: 256 KiB (NBD to NBD
 # with our send buffer grown, benchmarks/: 604-616 MiB/s, 443 with 512 KiB, 518 with 128 KiB;
@@ -400,6 +402,23 @@ class _Pool:
         self.budget = budget
         self.total = 0  # bytes of every buffer made (they are never freed: see _Buf)
         self.idle: dict[int, list[_Buf]] = {}
+        self.users = 0  # copy connections running
+
+    def join(self) -> None:
+        with self.lock:
+            self.users += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.users -= 1
+
+    def share(self, size: int) -> int:
+        """How many buffers of ``size`` one copy connection may hold: its part of the budget.
+        Without it the first copies to start took buffers up to their whole window and those
+        starting later, finding none idle, made new ones beyond the budget (a connection with
+        nothing in flight always gets one): with 8 migrations at once the pool grew by ~9 MiB
+        with every batch (96 -> 144 MiB over six), towards every window's worth (256 MiB)."""
+        return max(2, self.budget // (size * max(1, self.users)))
 
     def get(self, size: int, must: bool = False) -> _Buf | None:
         """An idle buffer of at least ``size`` bytes (the smallest), or a new one if the budget
@@ -473,6 +492,7 @@ class _Conn:
         self.unflushed = 0  # bytes written to an NBD target since its last flush was issued
         self.flushing = False
         self.can_flush = self.dst is not None and bool(self.dst.can_flush())
+        self.joined = False  # counted in _POOL.users (from the start of _drive to release)
 
     @property
     def finished(self) -> bool:
@@ -484,6 +504,8 @@ class _Conn:
         fits = _fitting(self.free, size)
         if fits:
             return fits.pop()
+        if self.in_flight and len(self.held) >= _POOL.share(size):
+            return None  # our part of the budget is out: one of ours comes back first
         idle = [s for s, bs in self.free.items() if bs]
         if idle and (len(self.held) >= self.depth or self.in_flight == 0):
             small = self.free[min(idle)].pop()  # too small for this piece: swap it for a bigger one
@@ -500,6 +522,18 @@ class _Conn:
         if _idle(self.handles):
             _POOL.put(self.held)
         self.held, self.free = [], {}
+        if self.joined:
+            self.joined = False
+            _POOL.leave()
+
+    def _done_with(self, buf: _Buf) -> None:
+        """A buffer no command uses any more: kept for our next piece, or given back to the pool
+        when we hold more than our share (another copy started since we took it)."""
+        if len(self.held) > _POOL.share(len(buf)):
+            self.held.remove(buf)
+            _POOL.put([buf])
+        else:
+            self.free.setdefault(len(buf), []).append(buf)
 
     def _read(self, seq: int, e: Extent, buf: _Buf, tries: int) -> None:
         def done(err, ev=self.events) -> int:
@@ -563,7 +597,7 @@ class _Conn:
     def handle_events(self) -> None:
         """The queued events, then one report to the tracker of the pieces they finished (also
         when one of them fails the copy: those before it are on the target)."""
-        events, free = self.events, self.free
+        events = self.events
         done: list[int] = []
         read = written = skipped = zeroed = 0
         try:
@@ -582,7 +616,7 @@ class _Conn:
                     done.append(seq)
                     read += n
                     written += n
-                    free.setdefault(len(buf), []).append(buf)
+                    self._done_with(buf)
                     self.unflushed += n
                     if self.unflushed >= NBD_FLUSH_EVERY and self.can_flush and not self.flushing:
                         self._flush()
@@ -603,7 +637,7 @@ class _Conn:
                         skipped += n
                     done.append(seq)
                     read += n
-                    free.setdefault(len(data), []).append(buf)
+                    self._done_with(buf)
                     continue
                 self.throttle.acquire(n)
                 if self.dst is not None:
@@ -613,7 +647,7 @@ class _Conn:
                 done.append(seq)
                 read += n
                 written += n
-                free.setdefault(len(data), []).append(buf)
+                self._done_with(buf)
         finally:
             if done:
                 self.t.finish(done, read, written, skipped, zeroed)
@@ -622,6 +656,9 @@ class _Conn:
 def _drive(conns: list[_Conn], t: _Tracker) -> None:
     """Run connections to the end in this thread: one poll over all their sockets."""
     try:
+        for c in conns:
+            _POOL.join()
+            c.joined = True
         for c in conns:
             c.fill()
         live = [c for c in conns if not c.finished]
@@ -855,14 +892,18 @@ def checksum_file(path: str, length: int, on_progress: Callable[[int], None] = l
     (WILLNEED) while this one is hashed."""
     zero_digest = hashlib.sha256(ZEROES).digest()
     out = hashlib.sha256()
-    buf = _POOL.get(CHUNK, must=True)
+    # Its own 1 MiB anonymous mapping, unmapped on return: no libnbd call sees it, so it need
+    # not live in _POOL (whose buffers are never freed; see _Buf). A 4 MiB chunk from the pool,
+    # beyond its budget, left 4 MiB buffers there after 16 checksums at once (8 migrations) that
+    # the next copies took for their small pieces: a worker grew by ~30 MiB with every batch.
+    buf = mmap.mmap(-1, FILE_PIECE)
+    view, zeroes = memoryview(buf), memoryview(ZEROES)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             data = _data_ranges(fd, 0, length)
             ends = [y for _, y in data]
-            view = memoryview(buf.data)
             chunks = -(-length // CHUNK)
 
             def pieces(i: int) -> list[tuple[int, int]]:
@@ -882,18 +923,20 @@ def checksum_file(path: str, length: int, on_progress: Callable[[int], None] = l
                     os.posix_fadvise(fd, x, y - x, os.POSIX_FADV_WILLNEED)
                 if not here and b - a == CHUNK:
                     out.update(zero_digest)
-                else:
-                    pos = a
+                else:  # the chunk's digest, fed a piece at a time (the same as of the whole chunk)
+                    h, pos = hashlib.sha256(), a
                     for x, y in [*here, (b, b)]:
-                        view[pos - a:x - a] = ZEROES[: x - pos]  # a hole (or past the file's end)
+                        if x > pos:
+                            h.update(zeroes[: x - pos])  # a hole (or past the file's end)
                         got = x
                         while got < y:
-                            n = os.preadv(fd, [view[got - a:y - a]], got)
+                            n = os.preadv(fd, [view[: min(FILE_PIECE, y - got)]], got)
                             if n == 0:  # the file ends early: the rest reads as zeroes
                                 break
+                            h.update(view[:n])
                             got += n
                         pos = got
-                    out.update(hashlib.sha256(view[: b - a]).digest())
+                    out.update(h.digest())
                 if i % progress_every == 0:
                     on_progress(a)
         finally:
@@ -901,7 +944,9 @@ def checksum_file(path: str, length: int, on_progress: Callable[[int], None] = l
     except OSError as e:
         raise TransientIOError(f"checksum read of {path} failed: {e.strerror or e}") from None
     finally:
-        _POOL.put([buf])
+        view.release()
+        zeroes.release()
+        buf.close()
     return out.hexdigest()
 
 

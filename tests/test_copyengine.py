@@ -191,6 +191,28 @@ def test_repeated_copies_and_checksums_hold_no_memory(tmp_path, source):
         assert digest == copyengine.checksum(h, SIZE, list(transport.extents(h, 0, SIZE)))
 
 
+def _copy_in_thread(source, target, connections: int, errors: list, ready=lambda: None) -> None:
+    """Copy ``source`` into a fresh file ``target`` over ``connections`` connections (a thread's
+    body: a failure goes to ``errors``); ``ready`` is called just before the copy starts."""
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    with transport.handle(str(source), "image", "raw") as h:
+        plan = [e for e in transport.extents(h, 0, SIZE) if not e.zero]
+        more = [(transport.connect(str(source), "image", "raw"), copyengine.FileWriter(str(target)))
+                for _ in range(connections - 1)]
+        w = copyengine.FileWriter(str(target))
+        try:
+            ready()
+            copyengine.copy(h, plan, w, fresh=True, more=more)
+        except BaseException as e:  # noqa: BLE001 - the caller asserts there were none
+            errors.append(e)
+        finally:
+            for s, ww in more:
+                ww.close()
+                transport.close(s)
+            w.close()
+
+
 def test_a_spent_buffer_budget_slows_copies_but_never_stops_them(tmp_path, source, monkeypatch):
     """The worker's buffers have one budget that every copy and checksum shares. With a budget
     smaller than one request per connection, two copies of 4 connections each and a checksum run
@@ -202,25 +224,7 @@ def test_a_spent_buffer_budget_slows_copies_but_never_stops_them(tmp_path, sourc
     monkeypatch.setattr(copyengine, "_POOL", pool)
     targets = [tmp_path / f"dst{i}.raw" for i in range(2)]
     errors = []
-
-    def one(target) -> None:
-        with open(target, "wb") as f:
-            f.truncate(SIZE)
-        with transport.handle(str(source), "image", "raw") as h:
-            plan = [e for e in transport.extents(h, 0, SIZE) if not e.zero]
-            more = [(transport.connect(str(source), "image", "raw"), copyengine.FileWriter(str(target))) for _ in range(3)]
-            w = copyengine.FileWriter(str(target))
-            try:
-                copyengine.copy(h, plan, w, fresh=True, more=more)
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-                errors.append(e)
-            finally:
-                for s, ww in more:
-                    ww.close()
-                    transport.close(s)
-                w.close()
-
-    threads = [threading.Thread(target=one, args=(t,)) for t in targets]
+    threads = [threading.Thread(target=_copy_in_thread, args=(source, t, 4, errors)) for t in targets]
     for th in threads:
         th.start()
     with transport.handle(str(source), "image", "raw") as h:
@@ -235,6 +239,35 @@ def test_a_spent_buffer_budget_slows_copies_but_never_stops_them(tmp_path, sourc
         assert sha256_file(t) == sha256_file(source)
         with transport.handle(str(t), "image", "raw") as h:
             assert copyengine.checksum(h, SIZE, list(transport.extents(h, 0, SIZE))) == digest
+
+
+def test_concurrent_copies_keep_to_the_budget_batch_after_batch(tmp_path, source, monkeypatch):
+    """A worker runs batches of migrations at once, all its life. Each copy connection holds at
+    most its share of the budget (giving buffers back when more copies start), so one that starts
+    late finds buffers idle instead of making new ones: the pool stays near its budget however
+    many batches run. (Before: the first copies kept their whole window and the pool grew by
+    ~9 MiB with every batch of 8 migrations.)"""
+    import threading
+
+    pool = copyengine._Pool(budget=8 * MiB)
+    monkeypatch.setattr(copyengine, "_POOL", pool)
+    copies, conns = 4, 2
+    targets = [tmp_path / f"dst{i}.raw" for i in range(copies)]
+    totals, errors = [], []
+    for _ in range(5):
+        go = threading.Barrier(copies)
+        threads = [threading.Thread(target=_copy_in_thread, args=(source, t, conns, errors, go.wait)) for t in targets]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        totals.append(pool.total)
+    # the budget, plus what connections with nothing in flight must get when none is idle
+    assert max(totals) <= 8 * MiB + copies * conns * 2 * copyengine.REQUEST, [t // MiB for t in totals]
+    assert pool.users == 0
+    for t in targets:
+        assert sha256_file(t) == sha256_file(source)
 
 
 def test_split_cuts_data_at_chunk_boundaries_only():

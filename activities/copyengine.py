@@ -402,15 +402,11 @@ class _Pool:
         self.budget = budget
         self.total = 0  # bytes of every buffer made (they are never freed: see _Buf)
         self.idle: dict[int, list[_Buf]] = {}
-        self.users = 0  # copy connections running
+        self.users = 0  # copy connections running (counted by _drive)
 
-    def join(self) -> None:
+    def count_users(self, n: int) -> None:
         with self.lock:
-            self.users += 1
-
-    def leave(self) -> None:
-        with self.lock:
-            self.users -= 1
+            self.users += n
 
     def share(self, size: int) -> int:
         """How many buffers of ``size`` one copy connection may hold: its part of the budget.
@@ -492,7 +488,6 @@ class _Conn:
         self.unflushed = 0  # bytes written to an NBD target since its last flush was issued
         self.flushing = False
         self.can_flush = self.dst is not None and bool(self.dst.can_flush())
-        self.joined = False  # counted in _POOL.users (from the start of _drive to release)
 
     @property
     def finished(self) -> bool:
@@ -522,9 +517,6 @@ class _Conn:
         if _idle(self.handles):
             _POOL.put(self.held)
         self.held, self.free = [], {}
-        if self.joined:
-            self.joined = False
-            _POOL.leave()
 
     def _done_with(self, buf: _Buf) -> None:
         """A buffer no command uses any more: kept for our next piece, or given back to the pool
@@ -655,10 +647,8 @@ class _Conn:
 
 def _drive(conns: list[_Conn], t: _Tracker) -> None:
     """Run connections to the end in this thread: one poll over all their sockets."""
+    _POOL.count_users(len(conns))  # their share of the buffer budget shrinks while these run
     try:
-        for c in conns:
-            _POOL.join()
-            c.joined = True
         for c in conns:
             c.fill()
         live = [c for c in conns if not c.finished]
@@ -680,6 +670,7 @@ def _drive(conns: list[_Conn], t: _Tracker) -> None:
             t.error = t.error or exc
         t.stop.set()
     finally:  # never free a buffer libnbd may still use
+        _POOL.count_users(-len(conns))
         for c in conns:
             for h in c.handles:
                 _drain(h)

@@ -243,7 +243,7 @@ def _helper(script: str, args: list[str], *, timeout_s: float, what: str,
                 pass
     if data is None or rc != 0:
         why = (data or {}).get("error") or (text.strip().splitlines() or ["no output"])[-1]
-        launch = _launch_failure(f"{text}\n{why}")
+        launch = _launch_failure(text)
         if launch:
             raise EmulatorFailed(f"{what} could not start the libguestfs appliance: {launch}")
         raise error(f"{what} failed: {why}")

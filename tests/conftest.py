@@ -359,14 +359,12 @@ def qemu_storage_daemon(img: Path, workdir: Path) -> Iterator[Qsd]:
         proc.wait()
 
 
-__all__ = ["GiB", "MiB"]
-
 
 @contextmanager
 def crash_qemu(*needles: str, timeout: float = 600) -> Iterator[dict]:
     """While the block runs, watch for a qemu-system-x86_64 whose command line and environment
-    contain every one of ``needles`` and kill it with SIGSEGV, once: the way qemu 7.2's TCG was seen to die
-    here. Yields a dict that gets ``pid`` when it struck; the watcher is stopped on exit."""
+    contain every one of ``needles`` and kill it with SIGSEGV, once: the way qemu 7.2's TCG was
+    seen to die here. Yields a dict that gets ``pid`` when it struck; the watcher is stopped on exit."""
     import threading
 
     hit: dict = {}
@@ -403,3 +401,6 @@ def crash_qemu(*needles: str, timeout: float = 600) -> Iterator[dict]:
     finally:
         stop.set()
         t.join()
+
+
+__all__ = ["GiB", "MiB"]
